@@ -1,0 +1,69 @@
+"""A small real data set shipped inside the package: 3000 Fashion-MNIST images (28x28 greyscale, MIT licence).
+
+It lets every entry point (pretraining, finetuning, tests, CI) run offline with nothing but this repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from .sources import read_idx
+from .writer import STATS_FILE, write_split
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+EMBEDDED_IMAGES = EMBEDDED_DIR / "fashion-mnist-3k-images-idx3-ubyte.gz"
+EMBEDDED_LABELS = EMBEDDED_DIR / "fashion-mnist-3k-labels-idx1-ubyte.gz"
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+def read_embedded():
+    """The embedded images as a LabelledSource (class names, samples)."""
+    return read_idx(EMBEDDED_IMAGES, EMBEDDED_LABELS, class_names=FASHION_MNIST_CLASSES)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path):
+    """Serialise concurrent writers (several ranks on one machine) with an OS file lock, where there is one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on the atomic renames alone
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_complete(train_dir: Path, val_dir: Path, split: dict) -> bool:
+    stats_files = [train_dir / STATS_FILE, val_dir / STATS_FILE]
+    if not all(f.is_file() for f in stats_files):
+        return False
+    return all(json.loads(f.read_text()).get("split") == split for f in stats_files)
+
+
+def ensure_embedded_shards(cache_dir, val_fraction: float = 0.1, seed: int = 0,
+                           shard_size: int = 500) -> tuple[str, str]:
+    """Write the embedded images once as `cache_dir/train/` and `cache_dir/val/` shards; returns both directories.
+
+    Idempotent: when both stats.json files exist (for the same split settings) it returns at once.
+    """
+    cache_dir = Path(cache_dir)
+    train_dir, val_dir = cache_dir / "train", cache_dir / "val"
+    split = {"source": "fashion-mnist-3k", "val_fraction": val_fraction, "seed": seed, "shard_size": shard_size}
+    if _is_complete(train_dir, val_dir, split):
+        return str(train_dir), str(val_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(cache_dir / ".write.lock"):
+        if not _is_complete(train_dir, val_dir, split):  # another process may have finished while we waited
+            class_names, samples = read_embedded()
+            write_split(samples, cache_dir, class_names, val_fraction, seed, shard_size=shard_size,
+                        progress=False, metadata={"split": split})
+    return str(train_dir), str(val_dir)
