@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: MAE over ViT, run by one accelerate-based training engine."""

@@ -1,0 +1,86 @@
+"""Command line of `python -m pretrain`, and the error handling every entry point shares."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from .config import ConfigError, MAEPretrainConfig, load_config, read_yaml
+
+# objective name -> (config schema, run function path); later objectives (CLIP) register here.
+OBJECTIVES: dict[str, tuple[type, str]] = {
+    "mae": (MAEPretrainConfig, "pretrain.train_mae:run_mae"),
+}
+
+
+def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="Overrides are dotted key=value pairs, e.g. optim.base_lr=1e-3 train.epochs=2 output_dir=runs/x",
+    )
+    parser.add_argument("--config", help="YAML config file (default: the built-in CPU demo)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+def peek_key(config_path: str | None, overrides: Sequence[str], key: str, default: str) -> Any:
+    """Read one top-level key (e.g. `objective`) before the schema is known, to pick the schema."""
+    value = read_yaml(config_path).get(key, default) if config_path else default
+    for item in overrides:
+        if item.startswith(f"{key}="):
+            value = item.split("=", 1)[1]
+    return value
+
+
+def run_entry_point(body: Callable[[], Any]) -> int:
+    """Run `body`, turning the errors a user can fix into one clear line and a non-zero exit status."""
+    from data.errors import DataError
+    from .checkpoint import CheckpointError
+    from .engine import NonFiniteLossError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        body()
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def import_run(path: str) -> Callable:
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args("python -m pretrain", "Self-supervised pretraining (MAE).", argv)
+
+    def body():
+        objective = peek_key(args.config, args.overrides, "objective", "mae")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective '{objective}' (known: {', '.join(OBJECTIVES)})")
+        schema, run_path = OBJECTIVES[objective]
+        config = load_config(schema, args.config, args.overrides)
+        if args.print_config:
+            from .config import to_dict
+
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return
+        import_run(run_path)(config)
+
+    return run_entry_point(body)

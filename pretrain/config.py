@@ -1,0 +1,285 @@
+"""Configs as data: YAML files and `key=value` overrides loaded into typed dataclasses, validated once.
+
+Every entry point (`python -m pretrain`, `python -m finetune`) goes through `load_config`. A typo, a wrong type or a
+missing file raises `ConfigError` with one line that names the key (and the closest valid key) or the file; the
+entry points print that line and exit with status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar, Union
+
+import yaml
+
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid config."""
+
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------------------
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Build `schema` from the YAML file at `path` (optional) updated by dotted `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for item in overrides:
+        set_dotted(raw, *parse_override(item))
+    return build(schema, raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse YAML in {path}: {err}".replace("\n", " ")) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`optim.lr=1e-3` -> ("optim.lr", 0.001). Values are read as YAML, so lists and null work too."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    node = tree
+    parts = dotted_key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted_key}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(schema: type[T], raw: Any, prefix: str = "") -> T:
+    """Recursively turn a mapping into the dataclass `schema`, checking every key and type."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    values = {name: coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}
+    try:
+        return schema(**values)
+    except ConfigError:
+        raise
+    except TypeError as err:  # a required field without default
+        raise ConfigError(f"'{where}': {err}") from None
+
+
+def coerce(annotation: Any, value: Any, key: str) -> Any:
+    """Check `value` against a type annotation, converting where the meaning is unambiguous (int -> float, '1e-3')."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, {} if value is None else value, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"'{key}' has an invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"'{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"'{key}' must have {len(args)} items, got {len(value)}")
+            return tuple(coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item_type = args[0] if args else Any
+        items = [coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return value
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"'{key}': unsupported annotation {annotation!r}")  # a schema bug, not a user error
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain, YAML-friendly dict (tuples become lists)."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def check(condition: bool, message: str) -> None:
+    """Used in `__post_init__` validators: one line naming the key."""
+    if not condition:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections shared by every training run (pretraining and finetuning)
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    train: str = "embedded"  # shards: brace pattern, directory, .txt list, comma list; or "embedded" (bundled data)
+    val: Optional[str] = "embedded"  # evaluation / picture shards; "embedded" = the bundled validation split
+    cache_dir: Optional[str] = None  # where "embedded" shards are written (default: OUTPUT_DIR/data)
+    image_size: int = 32
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range for training
+    eval_crop_fraction: float = 1.0  # evaluation: resize to image_size / fraction, centre-crop image_size (0.875 on ImageNet)
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        check(self.image_size > 0, f"'data.image_size' must be positive, got {self.image_size}")
+        check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"'data.crop_scale' must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        check(0 < self.eval_crop_fraction <= 1, f"'data.eval_crop_fraction' must be in (0, 1], got {self.eval_crop_fraction}")
+        check(self.num_workers >= 0, f"'data.num_workers' must be >= 0, got {self.num_workers}")
+        check(self.shuffle_buffer >= 1, f"'data.shuffle_buffer' must be >= 1, got {self.shuffle_buffer}")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "lars", "sgd"] = "adamw"
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256 (the MAE rule) unless `lr` is set
+    lr: Optional[float] = None  # absolute learning rate; overrides the scaling rule
+    min_lr: float = 0.0
+    weight_decay: float = 0.05  # never applied to norms, biases, tokens and position embeddings
+    betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.9  # lars / sgd
+    warmup_epochs: float = 1.0
+    clip_grad: Optional[float] = None  # max global grad norm
+
+    def __post_init__(self):
+        check(self.base_lr > 0, f"'optim.base_lr' must be positive, got {self.base_lr}")
+        check(self.lr is None or self.lr > 0, f"'optim.lr' must be positive, got {self.lr}")
+        check(self.weight_decay >= 0, f"'optim.weight_decay' must be >= 0, got {self.weight_decay}")
+        check(self.warmup_epochs >= 0, f"'optim.warmup_epochs' must be >= 0, got {self.warmup_epochs}")
+        check(self.clip_grad is None or self.clip_grad > 0, f"'optim.clip_grad' must be positive or null, got {self.clip_grad}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # per device; global batch = batch_size x processes x grad_accum_steps
+    grad_accum_steps: int = 1
+    # auto: bf16 where the hardware has fast bf16 matmuls (recent GPUs; CPUs with AVX512-BF16/AMX), else no
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    log_every: int = 10  # optimizer steps between log lines
+    save_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
+    keep_last: int = 3  # checkpoints kept on disk
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    stop_after_steps: Optional[int] = None  # end early (the schedule still spans all epochs): smoke runs, time limits
+
+    def __post_init__(self):
+        check(self.epochs >= 1, f"'train.epochs' must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"'train.batch_size' must be >= 1, got {self.batch_size}")
+        check(self.grad_accum_steps >= 1, f"'train.grad_accum_steps' must be >= 1, got {self.grad_accum_steps}")
+        check(self.log_every >= 1, f"'train.log_every' must be >= 1, got {self.log_every}")
+        check(self.save_every >= 1, f"'train.save_every' must be >= 1, got {self.save_every}")
+        check(self.keep_last >= 1, f"'train.keep_last' must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["disabled", "offline", "online"] = "offline"
+    project: str = "vitpretrain"
+    run_name: Optional[str] = None
+    progress_bar: bool = True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MAE pretraining
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MAEModelConfig:
+    name: str = "mae_vit_tiny_patch4"  # a registered factory, see `pretrain.models.list_models()`
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        check(0 < self.mask_ratio < 1, f"'model.mask_ratio' must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class MAEPretrainConfig:
+    objective: Literal["mae"] = "mae"
+    output_dir: str = "runs/mae_demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: MAEModelConfig = field(default_factory=MAEModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    num_pictures: int = 8  # images in the reconstruction picture written at the end (0 = none)

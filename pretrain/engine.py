@@ -1,0 +1,381 @@
+"""The one training loop every objective uses: backward, step, schedule, log, checkpoint, resume.
+
+What is trained is decided elsewhere: a *task* is a callable `task(model, batch) -> {"loss": tensor, ...}` (the
+other entries are scalar tensors to log), so the same loop runs MAE, CLIP, finetuning and linear probes. accelerate
+places the model, wraps it for DDP and applies mixed precision; the data stream splits itself across processes, and
+the loop only tells it how many batches it already consumed (`start_batch`) so a resumed run continues the stream.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import find_latest, load_model_file, load_train_state, resolve_resume, save_checkpoint
+from .config import ConfigError, LoggingConfig, OptimConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+Task = Callable[[nn.Module, dict[str, Any]], dict[str, torch.Tensor]]
+LoaderFactory = Callable[[int, int, int], Iterable[dict[str, Any]]]  # (start_batch, rank, world_size) -> batches
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Schedule:
+    """The run's length in optimizer steps, derived once from the data size and the batch settings."""
+    samples_per_epoch: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+
+    @classmethod
+    def derive(cls, samples_per_epoch: int, train: TrainConfig, optim: OptimConfig, world_size: int) -> "Schedule":
+        global_batch = train.batch_size * world_size * train.grad_accum_steps
+        steps_per_epoch = samples_per_epoch // global_batch
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training data has {samples_per_epoch} samples, fewer than one global batch of {global_batch} "
+                f"(train.batch_size={train.batch_size} x {world_size} processes x "
+                f"train.grad_accum_steps={train.grad_accum_steps}); lower train.batch_size"
+            )
+        lr = optim.lr if optim.lr is not None else optim.base_lr * global_batch / 256
+        return cls(
+            samples_per_epoch=samples_per_epoch,
+            global_batch=global_batch,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=steps_per_epoch * train.epochs,
+            warmup_steps=round(optim.warmup_epochs * steps_per_epoch),
+            lr=lr,
+        )
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float, layer_decay: Optional[float] = None):
+    """timm's optimizer factory: weight decay skips 1-D params (norms, biases) and `model.no_weight_decay()`."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs: dict[str, Any] = {}
+    if optim.name == "adamw":
+        kwargs["betas"] = tuple(optim.betas)
+    else:
+        kwargs["momentum"] = optim.momentum
+    return create_optimizer_v2(
+        model, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, layer_decay=layer_decay, **kwargs
+    )
+
+
+def build_scheduler(optimizer, schedule: Schedule, min_lr: float):
+    """Per-step linear warmup then cosine decay to `min_lr` (timm's scheduler, driven by the update count)."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, schedule.total_steps - schedule.warmup_steps),
+        lr_min=min_lr,
+        warmup_t=schedule.warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matmul units. Elsewhere (e.g. AVX2-only CPUs) bf16 autocast falls back to
+    reference kernels that run ~100x slower than float32, so `auto` must not pick it there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+def make_accelerator(train: TrainConfig):
+    from accelerate import Accelerator
+
+    precision = resolve_precision(train.mixed_precision)
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("'train.mixed_precision' fp16 needs a GPU; on CPU use bf16 (or no)")
+    if train.mixed_precision == "auto":
+        log.info("mixed precision: auto -> %s", precision)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=train.grad_accum_steps)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Each optimizer step reseeds torch from (seed, rank, step): masking noise and dropout are then a function of
+    the step alone, so a resumed run draws exactly what the uninterrupted run would have drawn."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        task: Task,
+        make_loader: LoaderFactory,
+        samples_per_epoch: int,
+        train: TrainConfig,
+        optim: OptimConfig,
+        logging_cfg: LoggingConfig,
+        output_dir: str | Path,
+        run_config: dict[str, Any],
+        model_metadata: dict[str, str],
+        accelerator=None,
+        layer_decay: Optional[float] = None,
+    ):
+        self.train_cfg, self.optim_cfg, self.logging_cfg = train, optim, logging_cfg
+        self.output_dir = Path(output_dir)
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.task = task
+        self.make_loader = make_loader
+        self.run_config = run_config
+        self.model_metadata = model_metadata
+        self.accelerator = accelerator or make_accelerator(train)
+        acc = self.accelerator
+        self.schedule = Schedule.derive(samples_per_epoch, train, optim, acc.num_processes)
+        optimizer = build_optimizer(model, optim, self.schedule.lr, layer_decay=layer_decay)
+        self.scheduler = build_scheduler(optimizer, self.schedule, optim.min_lr)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def current_lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def fit(self) -> dict[str, Any]:
+        acc, cfg, sched = self.accelerator, self.train_cfg, self.schedule
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            log.info(
+                "global batch %d = %d per device x %d processes x %d accumulation; lr %.3g; %d steps/epoch, %d steps",
+                sched.global_batch, cfg.batch_size, acc.num_processes, cfg.grad_accum_steps, sched.lr,
+                sched.steps_per_epoch, sched.total_steps,
+            )
+        if cfg.resume:
+            self._resume(cfg.resume)
+        last_step = sched.total_steps if cfg.stop_after_steps is None else min(sched.total_steps, cfg.stop_after_steps)
+        wandb_run = self._init_wandb()
+        batches = iter(self.make_loader(self.step * cfg.grad_accum_steps, acc.process_index, acc.num_processes))
+        progress = self._progress_bar(last_step)
+        window = _Window()
+        last_record: dict[str, Any] = {}
+        self.model.train()
+        while self.step < last_step:
+            torch.manual_seed(step_seed(cfg.seed, acc.process_index, self.step))
+            self.scheduler.step_update(self.step)
+            step_totals: dict[str, torch.Tensor] = {}
+            for _ in range(cfg.grad_accum_steps):
+                batch = next(batches)
+                window.add_skipped(batch.pop("skipped", None))
+                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with acc.accumulate(self.model):
+                    outputs = self.task(self.model, batch)
+                    acc.backward(outputs["loss"])
+                for name, value in outputs.items():
+                    step_totals[name] = step_totals.get(name, 0) + value.detach().float() / cfg.grad_accum_steps
+            self._check_finite(step_totals["loss"])
+            if self.optim_cfg.clip_grad is not None:
+                step_totals["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window.add_step(step_totals, sched.global_batch)
+            progress.update(1)
+
+            if self.step % cfg.log_every == 0 or self.step == last_step:
+                last_record = self._log(window, wandb_run, progress)
+                window = _Window()
+            if self.step % cfg.save_every == 0 or self.step == last_step:
+                self.save()
+        progress.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+        acc.wait_for_everyone()
+        return {"step": self.step, "total_steps": sched.total_steps, **last_record}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss).float()
+        if self.accelerator.num_processes > 1:  # every process stops together instead of hanging in a collective
+            finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
+        if finite.item() < 1:
+            latest = self._latest_checkpoint_text()
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.step} (epoch {self.step / self.schedule.steps_per_epoch:.2f}); "
+                f"stopping. {latest} Lower the learning rate or enable optim.clip_grad."
+            )
+
+    def _latest_checkpoint_text(self) -> str:
+        latest = find_latest(self.checkpoints_dir)
+        return f"The last good checkpoint is {latest}." if latest else "No checkpoint was written yet."
+
+    def _log(self, window: "_Window", wandb_run, progress) -> dict[str, Any]:
+        acc = self.accelerator
+        values = {name: total / window.steps for name, total in window.totals.items()}
+        if acc.num_processes > 1:
+            values = {k: acc.reduce(v.to(acc.device), reduction="mean") for k, v in values.items()}
+        elapsed = time.perf_counter() - window.start
+        record = {
+            "step": self.step,
+            "epoch": round(self.step / self.schedule.steps_per_epoch, 4),
+            **{k: float(v) for k, v in values.items()},
+            "lr": self.current_lr(),
+            "images_per_s": window.samples / elapsed if elapsed > 0 else 0.0,
+            "skipped_samples": window.skipped_total(acc),
+        }
+        if acc.is_main_process:
+            with open(self.output_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.0f}")
+            if wandb_run is not None:
+                wandb_run.log(record, step=self.step)
+        return record
+
+    def _progress_bar(self, last_step: int):
+        from tqdm.auto import tqdm
+
+        enabled = self.accelerator.is_main_process and self.logging_cfg.progress_bar
+        return tqdm(total=last_step, initial=self.step, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+    def _init_wandb(self):
+        if self.logging_cfg.wandb == "disabled" or not self.accelerator.is_main_process:
+            return None
+        import wandb
+
+        return wandb.init(
+            project=self.logging_cfg.project,
+            name=self.logging_cfg.run_name,
+            dir=str(self.output_dir),
+            mode=self.logging_cfg.wandb,
+            config=self.run_config,
+            resume="allow",
+            settings=wandb.Settings(silent=True),
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint of the current step (main process only)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            scaler = getattr(acc, "scaler", None)
+            train_state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _rng_state(),
+                "data": {
+                    "batches_consumed_per_process": self.step * self.train_cfg.grad_accum_steps,
+                    "samples_seen": self.step * self.schedule.global_batch,
+                },
+                "world_size": acc.num_processes,
+                "global_batch": self.schedule.global_batch,
+            }
+            meta = {"epoch": self.step / self.schedule.steps_per_epoch, "total_steps": self.schedule.total_steps}
+            path = save_checkpoint(
+                self.checkpoints_dir, self.step, self.unwrapped_model.state_dict(), train_state, meta,
+                model_metadata=self.model_metadata, keep_last=self.train_cfg.keep_last,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def _resume(self, resume: str) -> None:
+        path = resolve_resume(resume, self.checkpoints_dir)
+        if path is None:
+            log.info("resume=latest: no checkpoint in %s yet, starting from scratch", self.checkpoints_dir)
+            return
+        state_dict, _ = load_model_file(path)
+        self.unwrapped_model.load_state_dict(state_dict)
+        state = load_train_state(path)
+        if state["global_batch"] != self.schedule.global_batch or state["world_size"] != self.accelerator.num_processes:
+            log.warning(
+                "resuming with global batch %d over %d processes; the checkpoint used %d over %d: the data order will differ",
+                self.schedule.global_batch, self.accelerator.num_processes, state["global_batch"], state["world_size"],
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.scheduler.step_update(self.step)
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s at step %d", path, self.step)
+
+
+class _Window:
+    """Running sums between two log lines."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.totals: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.samples = 0
+        self.skipped: dict[str, int] = {}
+
+    def add_step(self, values: dict[str, torch.Tensor], global_batch: int) -> None:
+        for name, value in values.items():
+            self.totals[name] = self.totals.get(name, 0) + value
+        self.steps += 1
+        self.samples += global_batch
+
+    def add_skipped(self, counts: Optional[dict[str, int]]) -> None:
+        for reason, n in (counts or {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+
+    def skipped_total(self, acc) -> int:
+        total = torch.tensor(float(sum(self.skipped.values())), device=acc.device)
+        if acc.num_processes > 1:
+            total = acc.reduce(total, reduction="sum")
+        return int(total.item())
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

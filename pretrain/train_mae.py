@@ -1,0 +1,109 @@
+"""MAE pretraining run: config -> data stream + model + task -> the shared engine -> checkpoint and pictures."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data import ShardStream, count_samples, ensure_embedded_shards, eval_transform, expand_shards, mae_train_transform
+from data import make_loader as make_data_loader
+
+from .config import DataConfig, MAEPretrainConfig, save_config, to_dict
+from .engine import Trainer, make_accelerator
+from .models import create_model
+from .tasks import MAETask
+from .visualize import save_loss_curve, save_reconstruction_grid
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+
+
+def resolve_shards(data: DataConfig, output_dir: Path, accelerator) -> tuple[list[str], list[str] | None]:
+    """Shard lists for `data.train` / `data.val`; "embedded" writes the bundled data set once (main process first)."""
+    uses_embedded = EMBEDDED in (data.train, data.val)
+    embedded_train = embedded_val = None
+    if uses_embedded:
+        cache = Path(data.cache_dir) if data.cache_dir else output_dir / "data"
+        with accelerator.main_process_first():
+            embedded_train, embedded_val = ensure_embedded_shards(cache)
+    train = expand_shards(embedded_train if data.train == EMBEDDED else data.train)
+    val = None
+    if data.val is not None:
+        val = expand_shards(embedded_val if data.val == EMBEDDED else data.val)
+    return train, val
+
+
+def model_metadata(model: torch.nn.Module, name: str, objective: str) -> dict[str, str]:
+    """Stored in model.safetensors, so the weights file alone says how to rebuild the model."""
+    return {"objective": objective, "model_name": name, "model_config": json.dumps(model.config)}
+
+
+def first_images(shards: list[str], data: DataConfig, count: int) -> torch.Tensor:
+    """The first `count` evaluation images (a fixed set, so pictures of different runs are comparable)."""
+    transform = eval_transform(data.image_size, crop_fraction=data.eval_crop_fraction, mean=data.mean, std=data.std)
+    stream = ShardStream(shards, transform, batch_size=count, train=False)
+    return next(iter(stream))["image"]
+
+
+def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+
+    output_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.train)
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+    train_shards, val_shards = resolve_shards(cfg.data, output_dir, accelerator)
+    samples_per_epoch = count_samples(train_shards)
+
+    set_seed(cfg.train.seed)  # the same initial weights on every process
+    model = create_model(
+        cfg.model.name, img_size=cfg.data.image_size, norm_pix_loss=cfg.model.norm_pix_loss, mask_ratio=cfg.model.mask_ratio
+    )
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+    transform = mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
+
+    def make_loader(start_batch: int, rank: int, world_size: int):
+        stream = ShardStream(
+            train_shards, transform, cfg.train.batch_size, train=True, seed=cfg.train.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size, start_batch=start_batch,
+        )
+        return make_data_loader(stream, cfg.data.num_workers)
+
+    trainer = Trainer(
+        model=model,
+        task=MAETask(cfg.model.mask_ratio),
+        make_loader=make_loader,
+        samples_per_epoch=samples_per_epoch,
+        train=cfg.train,
+        optim=cfg.optim,
+        logging_cfg=cfg.logging,
+        output_dir=output_dir,
+        run_config=to_dict(cfg),
+        model_metadata=model_metadata(model, cfg.model.name, "mae"),
+        accelerator=accelerator,
+    )
+    summary = trainer.fit()
+
+    if accelerator.is_main_process:
+        if cfg.num_pictures > 0 and val_shards:
+            images = first_images(val_shards, cfg.data, cfg.num_pictures)
+            noise = torch.rand(images.shape[0], trainer.unwrapped_model.num_patches, generator=torch.Generator().manual_seed(0))
+            save_reconstruction_grid(
+                trainer.unwrapped_model.cpu() if accelerator.device.type != "cpu" else trainer.unwrapped_model,
+                images, output_dir / "reconstructions.png", cfg.data.mean, cfg.data.std,
+                mask_ratio=cfg.model.mask_ratio, noise=noise,
+            )
+        if (output_dir / "log.jsonl").is_file():
+            save_loss_curve(output_dir / "log.jsonl", output_dir / "loss_curve.png")
+        log.info(
+            "done: step %d/%d, loss %.4f; weights in %s, log in %s, pictures in %s",
+            summary["step"], summary["total_steps"], summary.get("loss", float("nan")),
+            output_dir / "checkpoints", output_dir / "log.jsonl", output_dir,
+        )
+    return summary
