@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .config import ConfigError, MAEPretrainConfig, load_config, read_yaml
+from .config import ConfigError, MAEPretrainConfig, load_config, read_yaml, to_dict
 
 # objective name -> (config schema, run function path); later objectives (CLIP) register here.
 OBJECTIVES: dict[str, tuple[type, str]] = {
@@ -67,20 +67,19 @@ def import_run(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def dispatch(args: argparse.Namespace, key: str, default: str, table: dict[str, tuple[type, str]]) -> None:
+    """Pick the schema and run function by the config's `key` (objective or task), validate, then run."""
+    name = peek_key(args.config, args.overrides, key, default)
+    if name not in table:
+        raise ConfigError(f"unknown {key} '{name}' (known: {', '.join(table)})")
+    schema, run_path = table[name]
+    config = load_config(schema, args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return
+    import_run(run_path)(config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args("python -m pretrain", "Self-supervised pretraining (MAE).", argv)
-
-    def body():
-        objective = peek_key(args.config, args.overrides, "objective", "mae")
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective '{objective}' (known: {', '.join(OBJECTIVES)})")
-        schema, run_path = OBJECTIVES[objective]
-        config = load_config(schema, args.config, args.overrides)
-        if args.print_config:
-            from .config import to_dict
-
-            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
-            return
-        import_run(run_path)(config)
-
-    return run_entry_point(body)
+    return run_entry_point(lambda: dispatch(args, "objective", "mae", OBJECTIVES))

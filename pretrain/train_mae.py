@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from data import ShardStream, count_samples, ensure_embedded_shards, eval_transform, expand_shards, mae_train_transform
+from data import ShardStream, count_samples, mae_train_transform
 from data import make_loader as make_data_loader
 
-from .config import DataConfig, MAEPretrainConfig, save_config, to_dict
+from .config import MAEPretrainConfig, save_config, to_dict
+from .datasets import first_images, resolve_shards
 from .engine import Trainer, make_accelerator
 from .models import create_model
 from .tasks import MAETask
@@ -19,34 +20,10 @@ from .visualize import save_loss_curve, save_reconstruction_grid
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
-
-
-def resolve_shards(data: DataConfig, output_dir: Path, accelerator) -> tuple[list[str], list[str] | None]:
-    """Shard lists for `data.train` / `data.val`; "embedded" writes the bundled data set once (main process first)."""
-    uses_embedded = EMBEDDED in (data.train, data.val)
-    embedded_train = embedded_val = None
-    if uses_embedded:
-        cache = Path(data.cache_dir) if data.cache_dir else output_dir / "data"
-        with accelerator.main_process_first():
-            embedded_train, embedded_val = ensure_embedded_shards(cache)
-    train = expand_shards(embedded_train if data.train == EMBEDDED else data.train)
-    val = None
-    if data.val is not None:
-        val = expand_shards(embedded_val if data.val == EMBEDDED else data.val)
-    return train, val
-
 
 def model_metadata(model: torch.nn.Module, name: str, objective: str) -> dict[str, str]:
     """Stored in model.safetensors, so the weights file alone says how to rebuild the model."""
     return {"objective": objective, "model_name": name, "model_config": json.dumps(model.config)}
-
-
-def first_images(shards: list[str], data: DataConfig, count: int) -> torch.Tensor:
-    """The first `count` evaluation images (a fixed set, so pictures of different runs are comparable)."""
-    transform = eval_transform(data.image_size, crop_fraction=data.eval_crop_fraction, mean=data.mean, std=data.std)
-    stream = ShardStream(shards, transform, batch_size=count, train=False)
-    return next(iter(stream))["image"]
 
 
 def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Heads on pretrained encoders: linear probing (more heads to come: finetuning, distillation, detection)."""

@@ -1,0 +1,18 @@
+"""Command line of `python -m finetune`."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from pretrain.cli import dispatch, parse_args, run_entry_point
+
+from .config import LinearProbeConfig
+
+# task name -> (config schema, run function path); later heads (finetune, distillation, DETR) register here.
+TASKS: dict[str, tuple[type, str]] = {
+    "linear_probe": (LinearProbeConfig, "finetune.linear_probe:run_linear_probe"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args("python -m finetune", "Evaluate pretrained encoders (linear probe).", argv)
+    return run_entry_point(lambda: dispatch(args, "task", "linear_probe", TASKS))

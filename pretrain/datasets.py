@@ -1,0 +1,45 @@
+"""From a run's `data` config section to shard lists (writing the embedded data set where asked)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from data import STATS_FILE, DataError, ShardStream, ensure_embedded_shards, eval_transform, expand_shards
+
+from .config import DataConfig
+
+EMBEDDED = "embedded"
+
+
+def resolve_shards(data: DataConfig, output_dir: Path, accelerator) -> tuple[list[str], list[str] | None]:
+    """Shard lists for `data.train` / `data.val`; "embedded" writes the bundled data set once (main process first)."""
+    embedded_train = embedded_val = None
+    if EMBEDDED in (data.train, data.val):
+        cache = Path(data.cache_dir) if data.cache_dir else Path(output_dir) / "data"
+        with accelerator.main_process_first():
+            embedded_train, embedded_val = ensure_embedded_shards(cache)
+    train = expand_shards(embedded_train if data.train == EMBEDDED else data.train)
+    val = None
+    if data.val is not None:
+        val = expand_shards(embedded_val if data.val == EMBEDDED else data.val)
+    return train, val
+
+
+def read_class_names(shards: list[str]) -> list[str]:
+    """Class names from the stats.json beside the shards (written by `python -m data`)."""
+    stats_file = Path(shards[0]).parent / STATS_FILE
+    if not stats_file.is_file():
+        raise DataError(f"no {STATS_FILE} beside {shards[0]}: set num_classes in the config")
+    classes = json.loads(stats_file.read_text()).get("classes")
+    if not classes:
+        raise DataError(f"{stats_file} lists no classes: set num_classes in the config")
+    return list(classes)
+
+
+def first_images(shards: list[str], data: DataConfig, count: int) -> torch.Tensor:
+    """The first `count` evaluation images [count, 3, H, W] (a fixed set, so pictures of runs are comparable)."""
+    transform = eval_transform(data.image_size, crop_fraction=data.eval_crop_fraction, mean=data.mean, std=data.std)
+    stream = ShardStream(shards, transform, batch_size=count, train=False)
+    return next(iter(stream))["image"]
