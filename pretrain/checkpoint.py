@@ -64,7 +64,7 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(root)
-    prune_checkpoints(root, keep_last)
+    prune_checkpoints(root, keep_last, keep=final)
     return final
 
 
@@ -77,9 +77,13 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
-def prune_checkpoints(root: str | Path, keep_last: int) -> None:
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def prune_checkpoints(root: str | Path, keep_last: int, keep: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (never `keep`, the one just written: a run resumed
+    from an older step may sit below checkpoints of higher steps), and temporary directories of killed writers."""
+    complete = [path for path in list_checkpoints(root) if is_complete(path)]
+    for old in complete[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in Path(root).glob(".tmp-step_*"):  # left by a killed writer
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)

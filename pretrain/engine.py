@@ -225,8 +225,9 @@ class Trainer:
             finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
         if finite.item() < 1:
             latest = self._latest_checkpoint_text()
+            step = self.step + 1  # the step being computed, numbered as in log.jsonl and checkpoint names
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {self.step} (epoch {self.step / self.schedule.steps_per_epoch:.2f}); "
+                f"non-finite loss ({loss.item()}) at step {step} (epoch {step / self.schedule.steps_per_epoch:.2f}); "
                 f"stopping. {latest} Lower the learning rate or enable optim.clip_grad."
             )
 
