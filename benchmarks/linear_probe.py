@@ -69,7 +69,8 @@ def main() -> None:
     rows = []
     for name, encoder_args in probes.items():
         out = work / ("probe_" + name.split()[0].lower())
-        argv = ["--config", str(REPO / "configs/linprobe_fmnist.yaml"), f"output_dir={out}", *data_overrides, *encoder_args]
+        argv = ["--config", str(REPO / "configs/linprobe_fmnist.yaml"), f"output_dir={out}", "train.overwrite=true",
+                *data_overrides, *encoder_args]
         if args.probe_epochs:
             argv.append(f"train.epochs={args.probe_epochs}")
         seconds[f"probe: {name}"] = run(f"probe {name}", finetune_main, argv)

@@ -241,6 +241,7 @@ class TrainConfig:
     save_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # checkpoints kept on disk
     resume: Optional[str] = None  # "latest" or a checkpoint directory
+    overwrite: bool = False  # a fresh run into an output_dir holding an earlier run's checkpoints/log replaces them
     stop_after_steps: Optional[int] = None  # end early (the schedule still spans all epochs): smoke runs, time limits
 
     def __post_init__(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,8 @@ class Trainer:
             )
         if cfg.resume:
             self._resume(cfg.resume)
+        else:
+            self._start_fresh()
         last_step = sched.total_steps if cfg.stop_after_steps is None else min(sched.total_steps, cfg.stop_after_steps)
         wandb_run = self._init_wandb()
         batches = iter(self.make_loader(self.step * cfg.grad_accum_steps, acc.process_index, acc.num_processes))
@@ -305,6 +308,24 @@ class Trainer:
             )
         acc.wait_for_everyone()
         return path
+
+    def _start_fresh(self) -> None:
+        """Refuse to mix a new run into an earlier run's checkpoints and log, unless told to replace them."""
+        log_file = self.output_dir / "log.jsonl"
+        earlier = find_latest(self.checkpoints_dir)
+        if earlier is None and not log_file.exists():
+            return
+        if not self.train_cfg.overwrite:
+            what = f"checkpoints up to {earlier.name}" if earlier else "a log.jsonl"
+            raise ConfigError(
+                f"{self.output_dir} already holds an earlier run ({what}): continue it with train.resume=latest, "
+                f"replace it with train.overwrite=true, or choose another output_dir"
+            )
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
+            log_file.unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
 
     def _resume(self, resume: str) -> None:
         path = resolve_resume(resume, self.checkpoints_dir)

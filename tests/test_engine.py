@@ -285,6 +285,20 @@ def test_resume_latest_without_any_checkpoint_starts_from_scratch(tmp_path, tiny
     assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
+def test_a_fresh_run_never_mixes_into_an_earlier_runs_checkpoints(tmp_path, tiny_args, capsys):
+    out = tmp_path / "run"
+    train(tiny_args(out, "train.stop_after_steps=2", "train.log_every=1"))
+    # a second fresh run into the same folder is refused, naming what is there and the ways out
+    assert main(tiny_args(out, "train.stop_after_steps=3", "train.log_every=1")) == 2
+    line = error_line(capsys)
+    assert str(out) in line and "step_00000002" in line and "train.resume=latest" in line and "train.overwrite=true" in line
+    assert [r["step"] for r in read_log(out)] == [1, 2]  # untouched
+    # overwrite replaces the earlier run: its log and checkpoints are gone
+    train(tiny_args(out, "train.stop_after_steps=3", "train.log_every=1", "train.overwrite=true"))
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
