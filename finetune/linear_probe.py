@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -14,9 +13,9 @@ from torch import nn
 
 from data import ShardStream, count_samples, eval_transform
 from data import make_loader as make_data_loader
-from pretrain.config import save_config, to_dict
+from pretrain.config import to_dict
 from pretrain.datasets import read_class_names, resolve_shards
-from pretrain.engine import Trainer, make_accelerator
+from pretrain.engine import Trainer, make_accelerator, prepare_output_dir
 
 from .config import LinearProbeConfig
 from .encoders import build_feature_encoder
@@ -101,10 +100,8 @@ def evaluate(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, acce
 
 
 def run_linear_probe(cfg: LinearProbeConfig) -> dict[str, Any]:
-    output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.train)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
+    output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
     train_shards, val_shards = resolve_shards(cfg.data, output_dir, accelerator)
     if val_shards is None:
         from pretrain.config import ConfigError

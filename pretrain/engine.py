@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import find_latest, load_model_file, load_train_state, resolve_resume, save_checkpoint
-from .config import ConfigError, LoggingConfig, OptimConfig, TrainConfig
+from .config import ConfigError, LoggingConfig, OptimConfig, TrainConfig, save_config
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,29 @@ def make_accelerator(train: TrainConfig):
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=train.grad_accum_steps)
 
 
+def prepare_output_dir(output_dir: str | Path, config: Any, train: TrainConfig, accelerator) -> Path:
+    """Create the run's folder and write the resolved config there. A fresh run (no `train.resume`) into a folder
+    holding an earlier run's checkpoints or log stops here, before anything is written, unless `train.overwrite`."""
+    output_dir = Path(output_dir)
+    log_file, checkpoints = output_dir / "log.jsonl", output_dir / "checkpoints"
+    earlier = find_latest(checkpoints)
+    if not train.resume and (earlier is not None or log_file.exists()):
+        if not train.overwrite:
+            what = f"checkpoints up to {earlier.name}" if earlier else "a log.jsonl"
+            raise ConfigError(
+                f"{output_dir} already holds an earlier run ({what}): continue it with train.resume=latest, "
+                f"replace it with train.overwrite=true, or choose another output_dir"
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            log_file.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+    return output_dir
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Each optimizer step reseeds torch from (seed, rank, step): masking noise and dropout are then a function of
     the step alone, so a resumed run draws exactly what the uninterrupted run would have drawn."""
@@ -179,8 +202,6 @@ class Trainer:
             )
         if cfg.resume:
             self._resume(cfg.resume)
-        else:
-            self._start_fresh()
         last_step = sched.total_steps if cfg.stop_after_steps is None else min(sched.total_steps, cfg.stop_after_steps)
         wandb_run = self._init_wandb()
         batches = iter(self.make_loader(self.step * cfg.grad_accum_steps, acc.process_index, acc.num_processes))
@@ -308,24 +329,6 @@ class Trainer:
             )
         acc.wait_for_everyone()
         return path
-
-    def _start_fresh(self) -> None:
-        """Refuse to mix a new run into an earlier run's checkpoints and log, unless told to replace them."""
-        log_file = self.output_dir / "log.jsonl"
-        earlier = find_latest(self.checkpoints_dir)
-        if earlier is None and not log_file.exists():
-            return
-        if not self.train_cfg.overwrite:
-            what = f"checkpoints up to {earlier.name}" if earlier else "a log.jsonl"
-            raise ConfigError(
-                f"{self.output_dir} already holds an earlier run ({what}): continue it with train.resume=latest, "
-                f"replace it with train.overwrite=true, or choose another output_dir"
-            )
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
-            log_file.unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
 
     def _resume(self, resume: str) -> None:
         path = resolve_resume(resume, self.checkpoints_dir)

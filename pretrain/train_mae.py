@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,9 +10,9 @@ import torch
 from data import ShardStream, count_samples, mae_train_transform
 from data import make_loader as make_data_loader
 
-from .config import MAEPretrainConfig, save_config, to_dict
+from .config import MAEPretrainConfig, to_dict
 from .datasets import first_images, resolve_shards
-from .engine import Trainer, make_accelerator
+from .engine import Trainer, make_accelerator, prepare_output_dir
 from .models import create_model
 from .tasks import MAETask
 from .visualize import save_loss_curve, save_reconstruction_grid
@@ -29,10 +28,8 @@ def model_metadata(model: torch.nn.Module, name: str, objective: str) -> dict[st
 def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.train)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
+    output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
     train_shards, val_shards = resolve_shards(cfg.data, output_dir, accelerator)
     samples_per_epoch = count_samples(train_shards)
 

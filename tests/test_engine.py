@@ -292,7 +292,8 @@ def test_a_fresh_run_never_mixes_into_an_earlier_runs_checkpoints(tmp_path, tiny
     assert main(tiny_args(out, "train.stop_after_steps=3", "train.log_every=1")) == 2
     line = error_line(capsys)
     assert str(out) in line and "step_00000002" in line and "train.resume=latest" in line and "train.overwrite=true" in line
-    assert [r["step"] for r in read_log(out)] == [1, 2]  # untouched
+    assert [r["step"] for r in read_log(out)] == [1, 2]  # untouched, and so is the earlier run's config
+    assert load_config(MAEPretrainConfig, out / "config.yaml").train.stop_after_steps == 2
     # overwrite replaces the earlier run: its log and checkpoints are gone
     train(tiny_args(out, "train.stop_after_steps=3", "train.log_every=1", "train.overwrite=true"))
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
