@@ -1,40 +1,60 @@
-"""Labelled images as WebDataset shards: write them from IDX files, folders or manifests, stream them back.
+"""Images as WebDataset shards: write them (labelled, image-text pairs, COCO detection), stream them back.
 
 Writing:   sources (read_idx, read_image_folder, read_manifest) -> write_labelled_shards / write_split
+           image-text pairs (read_pair_manifest, read_pair_folder) -> write_pair_shards; decode_pair
+           COCO detection (read_coco) -> write_detection_shards; decode_detection, coco_ground_truth
+           all share ImageOptions (keep bytes, or shrink + JPEG), workers, strict, sizes.json/shards.txt
 Reading:   expand_shards, count_samples -> ShardStream (+ mae_train_transform / eval_transform) -> make_loader
 Offline:   ensure_embedded_shards (3000 Fashion-MNIST images shipped with the package)
 """
 
+from .detection import CocoImage, CocoSource, coco_ground_truth, decode_detection, read_coco, write_detection_shards
 from .embedded import EMBEDDED_DIR, FASHION_MNIST_CLASSES, ensure_embedded_shards, read_embedded
 from .errors import DataError
+from .images import ImageOptions
+from .pairs import ImageTextPair, decode_pair, read_pair_folder, read_pair_manifest, write_pair_shards
 from .shards import count_samples, expand_shards
 from .sources import IMAGE_EXTENSIONS, LabelledImage, LabelledSource, read_idx, read_image_folder, read_manifest
 from .stream import ShardStream, make_loader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, mae_train_transform
-from .writer import STATS_FILE, ShardWriter, write_labelled_shards, write_split
+from .writer import SHARD_LIST_FILE, SIZES_FILE, STATS_FILE, ShardWriter, write_labelled_shards, write_split
 
 __all__ = [
+    "CocoImage",
+    "CocoSource",
     "DataError",
     "EMBEDDED_DIR",
     "FASHION_MNIST_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "ImageOptions",
+    "ImageTextPair",
     "LabelledImage",
     "LabelledSource",
+    "SHARD_LIST_FILE",
+    "SIZES_FILE",
     "STATS_FILE",
     "ShardStream",
     "ShardWriter",
+    "coco_ground_truth",
     "count_samples",
+    "decode_detection",
+    "decode_pair",
     "ensure_embedded_shards",
     "eval_transform",
     "expand_shards",
     "mae_train_transform",
     "make_loader",
+    "read_coco",
     "read_embedded",
     "read_idx",
     "read_image_folder",
     "read_manifest",
+    "read_pair_folder",
+    "read_pair_manifest",
+    "write_detection_shards",
     "write_labelled_shards",
+    "write_pair_shards",
     "write_split",
 ]

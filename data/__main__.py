@@ -1,11 +1,15 @@
-"""Write labelled WebDataset shards from the command line.
+"""Write WebDataset shards from the command line: labelled images, image-text pairs or COCO detection data.
 
     python -m data idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz --out shards/
     python -m data folder --root photos/ --out shards/ --val-fraction 0.1
     python -m data manifest --file labels.csv --out shards/
     python -m data embedded --out shards/ --val-fraction 0.1
+    python -m data pairs --manifest captions.csv --out shards/ --workers 4      (columns path,caption)
+    python -m data pairs --folder img2dataset_out/ --out shards/ --resize-shorter 256
+    python -m data coco --annotations instances_val2017.json --images val2017/ --out shards/
 
 With --val-fraction 0 (the default) all samples go to OUT/train-NNNNNN.tar; otherwise to OUT/train/ and OUT/val/.
+Images are stored as they are unless --resize-shorter or --jpeg-quality asks for a JPEG re-encoding.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .detection import read_coco, write_detection_shards
 from .embedded import read_embedded
 from .errors import DataError
+from .images import ImageOptions
+from .pairs import read_pair_folder, read_pair_manifest, write_pair_shards
 from .sources import read_idx, read_image_folder, read_manifest
 from .writer import write_labelled_shards, write_split
 
@@ -27,7 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     common.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     common.add_argument("--max-shard-bytes", type=int, default=None, help="optional size limit per shard")
-    common.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
+    common.add_argument("--resize-shorter", type=int, default=None, metavar="N",
+                        help="shrink images so that the shorter side is N pixels (stored as JPEG)")
+    common.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                        help="re-encode images as JPEG of quality Q (1..95)")
+    common.add_argument("--workers", type=int, default=0,
+                        help="threads checking and encoding images (0: in the main thread); same output")
+    common.add_argument("--strict", action="store_true", help="fail on the first sample that would be skipped")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     parser = argparse.ArgumentParser(prog="python -m data", description=__doc__.splitlines()[0])
@@ -42,10 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     manifest = commands.add_parser("manifest", parents=[common], help="CSV (path,label) or JSONL manifest")
     manifest.add_argument("--file", required=True)
     commands.add_parser("embedded", parents=[common], help="the 3000 Fashion-MNIST images shipped in data/")
+    pairs = commands.add_parser("pairs", parents=[common], help="image-text pairs")
+    pairs_input = pairs.add_mutually_exclusive_group(required=True)
+    pairs_input.add_argument("--manifest", help="CSV, TSV or JSONL with columns path,caption (or image,text)")
+    pairs_input.add_argument("--folder", help="img2dataset-style folder: 0000.jpg + 0000.txt, in sub-folders too")
+    coco = commands.add_parser("coco", parents=[common], help="COCO-format detection annotations + images")
+    coco.add_argument("--annotations", required=True, help="COCO annotation JSON (images, annotations, categories)")
+    coco.add_argument("--images", required=True, help="folder the images' file_name entries are relative to")
     return parser
 
 
-def _read_source(args):
+def _read_labelled(args):
     if args.command == "idx":
         classes = args.classes
         if classes is not None and len(classes) == 1 and "," in classes[0]:
@@ -58,27 +78,53 @@ def _read_source(args):
     return read_embedded()
 
 
+def _write(args, options: dict) -> list[tuple[str, dict]]:
+    """Write the shards the arguments ask for; returns (directory, stats) for each directory written."""
+    split = dict(val_fraction=args.val_fraction, seed=args.seed)
+    if args.command == "pairs":
+        pairs = read_pair_manifest(args.manifest) if args.manifest else read_pair_folder(args.folder)
+        stats = write_pair_shards(pairs, args.out, **split, **options)
+    elif args.command == "coco":
+        categories, images = read_coco(args.annotations, args.images)
+        stats = write_detection_shards(images, args.out, categories, **split, **options)
+    else:
+        class_names, samples = _read_labelled(args)
+        if args.val_fraction > 0:
+            stats = write_split(samples, args.out, class_names, args.val_fraction, args.seed, **options)
+        else:
+            stats = [write_labelled_shards(samples, args.out, class_names, **options)]
+    names = [args.out] if len(stats) == 1 else [f"{args.out}/train", f"{args.out}/val"]
+    return list(zip(names, stats))
+
+
 def _summary(name: str, stats: dict) -> str:
     skipped = ", ".join(f"{reason}={n}" for reason, n in stats["skipped"].items()) or "none"
+    what = ""
+    if "classes" in stats:
+        what = f"{len(stats['classes'])} classes, "
+    elif "categories" in stats:
+        what = f"{stats['boxes']} boxes in {len(stats['categories'])} categories, "
+    elif "caption_words" in stats:
+        what = f"captions of {stats['caption_words']['mean']:.1f} words on average, "
+    dropped = "".join(f", dropped {reason}={n}" for reason, n in stats["dropped"].items())
     return (f"{name}: {stats['samples']} samples in {len(stats['shards'])} shard(s), "
-            f"{len(stats['classes'])} classes, {stats['bytes'] / 1e6:.1f} MB, skipped: {skipped}")
+            f"{what}{stats['bytes'] / 1e6:.1f} MB, skipped: {skipped}{dropped}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    options = dict(shard_size=args.shard_size, max_bytes=args.max_shard_bytes, strict=args.strict,
-                   progress=not args.no_progress)
     try:
-        if args.shard_size < 1 or not 0.0 <= args.val_fraction < 1.0:
-            raise DataError(f"--shard-size must be >= 1 and --val-fraction in [0, 1) "
-                            f"(got {args.shard_size}, {args.val_fraction})")
-        class_names, samples = _read_source(args)
-        if args.val_fraction > 0:
-            train, val = write_split(samples, args.out, class_names, args.val_fraction, args.seed, **options)
-            print(_summary(f"{args.out}/train", train))
-            print(_summary(f"{args.out}/val", val))
-        else:
-            print(_summary(args.out, write_labelled_shards(samples, args.out, class_names, **options)))
+        if args.shard_size < 1 or not 0.0 <= args.val_fraction < 1.0 or args.workers < 0:
+            raise DataError(f"--shard-size must be >= 1, --val-fraction in [0, 1) and --workers >= 0 "
+                            f"(got {args.shard_size}, {args.val_fraction}, {args.workers})")
+        try:
+            image_options = ImageOptions(args.resize_shorter, args.jpeg_quality)
+        except ValueError as error:
+            raise DataError(f"--resize-shorter/--jpeg-quality: {error}") from None
+        options = dict(shard_size=args.shard_size, max_bytes=args.max_shard_bytes, strict=args.strict,
+                       progress=not args.no_progress, workers=args.workers, image_options=image_options)
+        for name, stats in _write(args, options):
+            print(_summary(name, stats))
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -52,17 +52,20 @@ class LabelledImage:
     error: str = ""
 
 
+_MISSING = object()
+
+
 class SizedIterable:
     """An iterable that knows its length (for progress bars and exact splits) but builds items lazily."""
 
-    def __init__(self, length: int, make_iterator: Callable[[], Iterator[LabelledImage]]):
+    def __init__(self, length: int, make_iterator: Callable[[], Iterator]):
         self._length = length
         self._make_iterator = make_iterator
 
     def __len__(self) -> int:
         return self._length
 
-    def __iter__(self) -> Iterator[LabelledImage]:
+    def __iter__(self) -> Iterator:
         return self._make_iterator()
 
 
@@ -188,14 +191,29 @@ def read_image_folder(root) -> LabelledSource:
     return LabelledSource([d.name for d in class_dirs], SizedIterable(len(files), iterate))
 
 
-def _manifest_rows(path: Path) -> list[tuple[int, str, object]]:
-    """(line number, image path, raw label) for every row of a CSV or JSONL manifest."""
+def _described(columns: dict[str, tuple[str, ...]], quote: str = "") -> list[str]:
+    """["path", "caption (or text)"]: each column with the other names it may go by."""
+    return [f"{quote}{names[0]}{quote}" + "".join(f" (or {quote}{alias}{quote})" for alias in names[1:])
+            for names in columns.values()]
+
+
+def manifest_records(path, columns: dict[str, tuple[str, ...]],
+                     may_be_empty: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """(line number, {column: value}) for every row of a CSV, TSV or JSONL manifest.
+
+    columns: each column's name -> the header names (JSON keys) it may go by, the first found wins.
+    A missing column is a DataError naming the file and line; an empty value too, except in `may_be_empty`
+    columns, whose empty values come out as None.
+    """
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise DataError(f"{path}: cannot read manifest ({error.strerror or error})") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read manifest ({getattr(error, 'strerror', None) or error})") from error
+    wanted = " and ".join(_described(columns, quote='"'))
+    suffix = path.suffix.lower()
     rows = []
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
+    if suffix in (".jsonl", ".ndjson"):
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -203,29 +221,39 @@ def _manifest_rows(path: Path) -> list[tuple[int, str, object]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict) or "path" not in record or "label" not in record:
-                raise DataError(f'{path}:{line_number}: expected an object with "path" and "label", got {line.strip()[:80]}')
-            rows.append((line_number, record["path"], record["label"]))
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        missing = {"path", "label"} - set(reader.fieldnames or [])
+            found = {} if not isinstance(record, dict) else {
+                column: next((record[name] for name in names if name in record), _MISSING)
+                for column, names in columns.items()}
+            if not isinstance(record, dict) or _MISSING in found.values():
+                raise DataError(f"{path}:{line_number}: expected an object with {wanted}, got {line.strip()[:80]}")
+            rows.append((line_number, found))
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        header = set(reader.fieldnames or [])
+        chosen = {column: next((name for name in names if name in header), None) for column, names in columns.items()}
+        missing = sorted(column for column, name in chosen.items() if name is None)
         if missing:
-            raise DataError(f"{path}:1: header must have columns path,label; missing {', '.join(sorted(missing))}")
+            raise DataError(f"{path}:1: header must have columns {','.join(_described(columns))}; "
+                            f"missing {', '.join(missing)}")
         for record in reader:
-            line_number = reader.line_num
-            if record.get("path") in (None, "") or record.get("label") in (None, ""):
-                raise DataError(f"{path}:{line_number}: empty or missing path/label in row {record}")
-            rows.append((line_number, record["path"], record["label"]))
+            found = {column: record.get(name) for column, name in chosen.items()}
+            if any(found[c] in (None, "") for c in columns if c not in may_be_empty):
+                raise DataError(f"{path}:{reader.line_num}: empty or missing {'/'.join(columns)} in row {record}")
+            rows.append((reader.line_num, {c: None if v == "" else v for c, v in found.items()}))
     else:
-        raise DataError(f"{path}: unknown manifest format; use .csv (columns path,label) or .jsonl")
-    for line_number, image_path, label in rows:
-        if not isinstance(image_path, str) or not image_path:
-            raise DataError(f"{path}:{line_number}: path must be a non-empty string, got {image_path!r}")
-        if not isinstance(label, (int, str)) or isinstance(label, bool):
-            raise DataError(f"{path}:{line_number}: label must be an int or a class name, got {label!r}")
+        raise DataError(f"{path}: unknown manifest format; use .csv or .tsv (columns "
+                        f"{','.join(_described(columns))}) or .jsonl")
+    for line_number, record in rows:
+        if not isinstance(record["path"], str) or not record["path"]:
+            raise DataError(f"{path}:{line_number}: path must be a non-empty string, got {record['path']!r}")
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
     return rows
+
+
+def resolve_relative(manifest: Path, image_path: str) -> Path:
+    """An image path from a manifest: relative paths are relative to the manifest's folder."""
+    return Path(image_path) if Path(image_path).is_absolute() else manifest.parent / image_path
 
 
 def read_manifest(path) -> LabelledSource:
@@ -235,8 +263,11 @@ def read_manifest(path) -> LabelledSource:
     used as ids (classes "0".."K-1"); otherwise every label is a class name, and sorted names give the ids.
     """
     path = Path(path)
-    rows = _manifest_rows(path)
-    texts = [str(label).strip() for _, _, label in rows]
+    rows = manifest_records(path, {"path": ("path",), "label": ("label",)})
+    for line_number, record in rows:
+        if not isinstance(record["label"], (int, str)) or isinstance(record["label"], bool):
+            raise DataError(f"{path}:{line_number}: label must be an int or a class name, got {record['label']!r}")
+    texts = [str(record["label"]).strip() for _, record in rows]
     if all(re.fullmatch(r"\d+", t) for t in texts):
         ids = [int(t) for t in texts]
         class_names = [str(i) for i in range(max(ids) + 1)]
@@ -245,9 +276,9 @@ def read_manifest(path) -> LabelledSource:
         ids = [class_names.index(t) for t in texts]
 
     def iterate() -> Iterator[LabelledImage]:
-        for index, ((line_number, image_path, _), label) in enumerate(zip(rows, ids)):
-            resolved = (path.parent / image_path) if not Path(image_path).is_absolute() else Path(image_path)
-            sample = _load(index, resolved, image_path, label)
+        for index, ((line_number, record), label) in enumerate(zip(rows, ids)):
+            resolved = resolve_relative(path, record["path"])
+            sample = _load(index, resolved, record["path"], label)
             yield LabelledImage(sample.key, sample.image_bytes, sample.ext, label,
                                 f"{resolved} ({path}:{line_number})", sample.error)
 

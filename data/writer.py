@@ -1,47 +1,55 @@
-"""Write labelled images into WebDataset tar shards, checking every image on the way in.
+"""Write samples into WebDataset tar shards, checking every image on the way in.
 
 Layout of a shard directory:
 
-    out_dir/train-000000.tar, train-000001.tar, ...   samples {"__key__", "<ext>": image bytes, "cls": b"<label>"}
+    out_dir/train-000000.tar, train-000001.tar, ...   the samples, e.g. {"__key__", "<ext>": image bytes, "cls": b"3"}
+    out_dir/sizes.json                                {"train-000000.tar": number of samples, ...} (WebDataset style)
+    out_dir/shards.txt                                the shard names, one a line (a spec `expand_shards` reads)
     out_dir/stats.json                                written last: its presence means the directory is complete
 
 A shard is written to a temporary name and renamed when it is closed, so an interrupted run never leaves a
 partial shard under a final name.
+
+Every kind of data (labelled images here, image-text pairs in `pairs.py`, detection in `detection.py`) goes
+through one engine, `write_shards`: a `prepare` function turns a source item into a `Prepared` sample (decoding
+and re-encoding its image, possibly in a thread pool), and a `Tally` keeps that kind's statistics for stats.json.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import sys
 import warnings
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import webdataset
-from PIL import Image
 from tqdm import tqdm
 
 from .errors import DataError
-from .sources import IMAGE_EXTENSIONS, LabelledImage
+from .images import ImageOptions, SampleSkipped, decode_checked, encode_for_shard
+from .sources import LabelledImage
 
 STATS_FILE = "stats.json"
+SIZES_FILE = "sizes.json"
+SHARD_LIST_FILE = "shards.txt"
 MAX_SKIPPED_EXAMPLES = 20  # kept in stats.json
 MAX_SKIPPED_PRINTED = 5  # printed to stderr while writing
-
-# PIL format name -> extension, used when a file's own extension is not an image extension we know.
-_EXT_FOR_PIL_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "PPM": "ppm", "BMP": "bmp", "GIF": "gif",
-                       "TIFF": "tif"}
+IN_FLIGHT_PER_WORKER = 4  # items handed to the pool ahead of the writer: bounds memory, keeps workers busy
 
 
 class ShardWriter:
     """Write samples to `{prefix}-{index:06d}.tar` in `out_dir`, starting a new shard every `max_samples`
     samples or before a shard would exceed `max_bytes` (payload bytes; optional).
 
-    Use as a context manager: a clean exit finishes the last shard, an exception deletes the unfinished one.
+    Sample values must be bytes (encode JSON and text before writing). Use as a context manager: a clean exit
+    finishes the last shard, an exception deletes the unfinished one.
     """
 
     def __init__(self, out_dir, prefix: str = "train", max_samples: int = 1000, max_bytes: int | None = None):
@@ -114,55 +122,100 @@ class ShardWriter:
             self.abort()
 
 
-def _check_image(sample: LabelledImage) -> tuple[str | None, str, str]:
-    """Decode the image fully; returns (skip reason or None, message, extension to store)."""
-    if sample.image_bytes is None:
-        return "unreadable_file", sample.error or "cannot read file", sample.ext
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+@dataclass
+class Prepared:
+    """One source item made ready for a shard, or the reason it is left out.
+
+    sample: the tar members ({"__key__", "<ext>": bytes, ...}), None when skipped.
+    skipped: (reason, message) when the whole item is left out.
+    dropped: (reason, message) for each part left out of a written sample (e.g. a detection box).
+    info: facts about the sample for its kind's Tally (label, caption, ...).
+    """
+
+    source: str
+    sample: dict | None = None
+    skipped: tuple[str, str] | None = None
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+class Tally:
+    """Statistics of one kind of data for stats.json; this base keeps none."""
+
+    def add(self, prepared: Prepared) -> None:
+        pass
+
+    def summary(self) -> dict:
+        return {}
+
+
+def _prepare_safely(prepare: Callable[..., Prepared], item) -> Prepared:
     try:
-        with Image.open(io.BytesIO(sample.image_bytes)) as image:
-            image.load()  # verify() misses truncated pixel data; a full decode does not
-            pil_format = image.format
-    except Exception as error:  # PIL raises many types for bad data
-        return "undecodable_image", f"{type(error).__name__}: {error}", sample.ext
-    ext = sample.ext.lower()
-    if ext not in IMAGE_EXTENSIONS:  # e.g. a manifest entry "img.dat" that is really a PNG
-        ext = _EXT_FOR_PIL_FORMAT.get(pil_format)
-        if ext is None:
-            return "unsupported_format", f"image format {pil_format} has no supported extension", sample.ext
-    return None, "", ext
+        return prepare(item)
+    except SampleSkipped as skip:
+        return Prepared(item.source, skipped=(skip.reason, skip.message))
+
+
+def _prepared_in_order(items: Iterable, prepare: Callable[..., Prepared], workers: int) -> Iterator[Prepared]:
+    """prepare(item) for every item, in input order; with workers > 0 in a thread pool (PIL releases the GIL
+    while decoding, resizing and encoding), never more than IN_FLIGHT_PER_WORKER * workers items ahead."""
+    if workers <= 0:
+        for item in items:
+            yield _prepare_safely(prepare, item)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="shard-prepare") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(_prepare_safely, prepare, item))
+                if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the writer failed or stopped: do not finish work nobody will write
+            for future in pending:
+                future.cancel()
 
 
 class _ShardSink:
-    """Validates samples, feeds one ShardWriter and keeps the statistics for stats.json."""
+    """Feeds one ShardWriter with prepared samples, counts what was skipped and writes the index files."""
 
-    def __init__(self, out_dir, class_names, prefix, shard_size, max_bytes, strict):
-        self.out_dir, self.class_names, self.prefix, self.strict = Path(out_dir), list(class_names), prefix, strict
-        self._remove_previous_stats()
+    def __init__(self, out_dir, prefix: str, shard_size: int, max_bytes: int | None, strict: bool, tally: Tally):
+        self.out_dir, self.prefix, self.strict, self.tally = Path(out_dir), prefix, strict, tally
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (STATS_FILE, SIZES_FILE, SHARD_LIST_FILE):
+            # stats.json marks a complete directory; drop an old one (and its indexes) before rewriting the shards.
+            (self.out_dir / name).unlink(missing_ok=True)
         self.writer = ShardWriter(self.out_dir, prefix, shard_size, max_bytes)
-        self.class_counts = Counter()
-        self.skipped = Counter()
+        self.skipped, self.dropped = Counter(), Counter()
         self.skipped_examples: list[dict] = []
+        self.dropped_examples: list[dict] = []
 
-    def _remove_previous_stats(self) -> None:
-        # stats.json marks a complete directory; drop an old one before rewriting the shards under it.
-        (self.out_dir / STATS_FILE).unlink(missing_ok=True)
+    def _count(self, source: str, reason: str, message: str, counter: Counter, examples: list, verb: str) -> None:
+        if self.strict:
+            raise DataError(f"{source}: {reason.replace('_', ' ')} ({message})")
+        counter[reason] += 1
+        if len(examples) < MAX_SKIPPED_EXAMPLES:
+            examples.append({"source": source, "reason": reason, "message": message})
+        if sum(self.skipped.values()) + sum(self.dropped.values()) <= MAX_SKIPPED_PRINTED:
+            print(f"{verb} {source}: {reason} ({message})", file=sys.stderr)
 
-    def add(self, sample: LabelledImage) -> None:
-        if not 0 <= sample.label < len(self.class_names):
-            reason, message, ext = "bad_label", f"label {sample.label} outside 0..{len(self.class_names) - 1}", sample.ext
-        else:
-            reason, message, ext = _check_image(sample)
-        if reason is not None:
-            if self.strict:
-                raise DataError(f"{sample.source}: {reason.replace('_', ' ')} ({message})")
-            self.skipped[reason] += 1
-            if len(self.skipped_examples) < MAX_SKIPPED_EXAMPLES:
-                self.skipped_examples.append({"source": sample.source, "reason": reason, "message": message})
-            if sum(self.skipped.values()) <= MAX_SKIPPED_PRINTED:
-                print(f"skipping {sample.source}: {reason} ({message})", file=sys.stderr)
+    def add(self, prepared: Prepared) -> None:
+        if prepared.skipped is not None:
+            self._count(prepared.source, *prepared.skipped, self.skipped, self.skipped_examples, "skipping")
             return
-        self.writer.write({"__key__": sample.key, ext: sample.image_bytes, "cls": str(sample.label).encode()})
-        self.class_counts[self.class_names[sample.label]] += 1
+        for reason, message in prepared.dropped:
+            self._count(prepared.source, reason, message, self.dropped, self.dropped_examples, "dropping from")
+        self.writer.write(prepared.sample)
+        self.tally.add(prepared)
+
+    def _write_atomically(self, name: str, text: str) -> None:
+        temp = self.out_dir / f".{name}.tmp-{os.getpid()}"
+        temp.write_text(text)
+        os.replace(temp, self.out_dir / name)
 
     def finish(self, metadata: dict | None = None) -> dict:
         self.writer.close()
@@ -172,17 +225,18 @@ class _ShardSink:
             "shards": self.writer.shards,
             "shard_counts": self.writer.shard_counts,
             "bytes": sum((self.out_dir / name).stat().st_size for name in self.writer.shards),
-            "classes": self.class_names,
-            "class_counts": {name: self.class_counts[name] for name in self.class_names},
+            **self.tally.summary(),
             "skipped": dict(self.skipped),
             "skipped_examples": self.skipped_examples,
+            "dropped": dict(self.dropped),
+            "dropped_examples": self.dropped_examples,
             **(metadata or {}),
         }
         if stats["samples"] == 0:
             warnings.warn(f"{self.out_dir}: no valid samples were written (skipped: {dict(self.skipped)})")
-        temp = self.out_dir / f".{STATS_FILE}.tmp-{os.getpid()}"
-        temp.write_text(json.dumps(stats, indent=2) + "\n")
-        os.replace(temp, self.out_dir / STATS_FILE)
+        self._write_atomically(SIZES_FILE, json.dumps(self.writer.shard_counts, indent=2) + "\n")
+        self._write_atomically(SHARD_LIST_FILE, "".join(f"{name}\n" for name in self.writer.shards))
+        self._write_atomically(STATS_FILE, json.dumps(stats, indent=2) + "\n")  # last: marks completion
         return stats
 
     def _remove_stale_shards(self) -> None:
@@ -196,8 +250,82 @@ class _ShardSink:
         self.writer.abort()
 
 
-def _progress(samples, total, progress: bool, description: str):
-    return tqdm(samples, total=total, disable=not progress, desc=description, unit="img", file=sys.stderr)
+def write_shards(
+    items: Iterable,
+    prepare: Callable[..., Prepared],
+    out_dir,
+    *,
+    new_tally: Callable[[], Tally] = Tally,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    prefix: str = "train",
+    shard_size: int = 1000,
+    max_bytes: int | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    workers: int = 0,
+    metadata: dict | None = None,
+) -> list[dict]:
+    """Prepare every item (each has a `.source` string) and write the samples; returns the stats.json dicts.
+
+    val_fraction 0: everything goes to `out_dir/{prefix}-NNNNNN.tar`; returns [stats].
+    val_fraction in (0, 1): a random `val_fraction` of the items (depending only on their count and `seed`) goes
+    to `out_dir/val/val-NNNNNN.tar`, the rest to `out_dir/train/train-NNNNNN.tar`; returns [train, val].
+    Items that `prepare` rejects (SampleSkipped) are counted by reason; with strict=True the first one raises
+    DataError naming its source. `workers` > 0 prepares items in a thread pool; the output stays the same.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    total = getattr(items, "__len__", lambda: None)()
+    out_dir = Path(out_dir)
+    val_indices: set[int] = set()
+    if val_fraction == 0:
+        sinks = [_ShardSink(out_dir, prefix, shard_size, max_bytes, strict, new_tally())]
+    elif 0.0 < val_fraction < 1.0:
+        if total is None:
+            items = list(items)  # an exact split needs the count up front
+            total = len(items)
+        val_indices = set(random.Random(seed).sample(range(total), round(total * val_fraction)))
+        sinks = [_ShardSink(out_dir / split, split, shard_size, max_bytes, strict, new_tally())
+                 for split in ("train", "val")]
+    else:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    prepared = _prepared_in_order(items, prepare, workers)
+    try:
+        with tqdm(total=total, disable=not progress, desc=f"writing {out_dir}", unit="img", file=sys.stderr) as bar:
+            for index, sample in enumerate(prepared):
+                sinks[index in val_indices].add(sample)  # sinks[1] is val; with no split the set is empty
+                bar.update()
+    except BaseException:
+        prepared.close()  # stop the pool before deleting what it was feeding
+        for sink in sinks:
+            sink.abort()
+        raise
+    return [sink.finish(metadata) for sink in sinks]
+
+
+# ------------------------------------------------------------------------------------------------ labelled images
+
+
+def _prepare_labelled(sample: LabelledImage, num_classes: int, image_options: ImageOptions) -> Prepared:
+    if not 0 <= sample.label < num_classes:
+        raise SampleSkipped("bad_label", f"label {sample.label} outside 0..{num_classes - 1}")
+    image, ext = decode_checked(sample.image_bytes, sample.ext, sample.error)
+    image_bytes, ext, _ = encode_for_shard(image, sample.image_bytes, ext, image_options)
+    return Prepared(sample.source, {"__key__": sample.key, ext: image_bytes, "cls": str(sample.label).encode()},
+                    info={"label": sample.label})
+
+
+class _ClassTally(Tally):
+    def __init__(self, class_names):
+        self.class_names, self.counts = list(class_names), Counter()
+
+    def add(self, prepared: Prepared) -> None:
+        self.counts[prepared.info["label"]] += 1
+
+    def summary(self) -> dict:
+        return {"classes": self.class_names,
+                "class_counts": {name: self.counts[label] for label, name in enumerate(self.class_names)}}
 
 
 def write_labelled_shards(
@@ -210,6 +338,8 @@ def write_labelled_shards(
     max_bytes: int | None = None,
     strict: bool = False,
     progress: bool = True,
+    workers: int = 0,
+    image_options: ImageOptions = ImageOptions(),
     metadata: dict | None = None,
 ) -> dict:
     """Check and write every sample into `out_dir/{prefix}-NNNNNN.tar`; returns (and saves) the stats.json dict.
@@ -217,14 +347,11 @@ def write_labelled_shards(
     Undecodable or unreadable images are skipped and counted by reason; with strict=True the first one raises
     DataError naming its source. `metadata` entries are added to stats.json.
     """
-    sink = _ShardSink(out_dir, class_names, prefix, shard_size, max_bytes, strict)
-    try:
-        for sample in _progress(samples, getattr(samples, "__len__", lambda: None)(), progress, f"writing {out_dir}"):
-            sink.add(sample)
-    except BaseException:
-        sink.abort()
-        raise
-    return sink.finish(metadata)
+    prepare = partial(_prepare_labelled, num_classes=len(class_names), image_options=image_options)
+    (stats,) = write_shards(samples, prepare, out_dir, new_tally=partial(_ClassTally, class_names), prefix=prefix,
+                            shard_size=shard_size, max_bytes=max_bytes, strict=strict, progress=progress,
+                            workers=workers, metadata=metadata)
+    return stats
 
 
 def write_split(
@@ -238,6 +365,8 @@ def write_split(
     max_bytes: int | None = None,
     strict: bool = False,
     progress: bool = True,
+    workers: int = 0,
+    image_options: ImageOptions = ImageOptions(),
     metadata: dict | None = None,
 ) -> tuple[dict, dict]:
     """Write a random `val_fraction` of the samples to `out_dir/val/` (prefix "val") and the rest to
@@ -247,19 +376,8 @@ def write_split(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if not hasattr(samples, "__len__"):
-        samples = list(samples)  # an exact split needs the count up front
-    total = len(samples)
-    num_val = round(total * val_fraction)
-    val_indices = set(random.Random(seed).sample(range(total), num_val))
-    out_dir = Path(out_dir)
-    train = _ShardSink(out_dir / "train", class_names, "train", shard_size, max_bytes, strict)
-    val = _ShardSink(out_dir / "val", class_names, "val", shard_size, max_bytes, strict)
-    try:
-        for index, sample in enumerate(_progress(samples, total, progress, f"writing {out_dir}")):
-            (val if index in val_indices else train).add(sample)
-    except BaseException:
-        train.abort()
-        val.abort()
-        raise
-    return train.finish(metadata), val.finish(metadata)
+    prepare = partial(_prepare_labelled, num_classes=len(class_names), image_options=image_options)
+    train, val = write_shards(samples, prepare, out_dir, new_tally=partial(_ClassTally, class_names),
+                              val_fraction=val_fraction, seed=seed, shard_size=shard_size, max_bytes=max_bytes,
+                              strict=strict, progress=progress, workers=workers, metadata=metadata)
+    return train, val
