@@ -4,25 +4,41 @@ Writing:   sources (read_idx, read_image_folder, read_manifest) -> write_labelle
            image-text pairs (read_pair_manifest, read_pair_folder) -> write_pair_shards; decode_pair
            COCO detection (read_coco) -> write_detection_shards; decode_detection, coco_ground_truth
            all share ImageOptions (keep bytes, or shrink + JPEG), workers, strict, sizes.json/shards.txt
-Reading:   expand_shards, count_samples -> ShardStream (+ mae_train_transform / eval_transform) -> make_loader
+Reading:   expand_shards / expand_sources ("a::b" mixes sources), count_samples -> ShardStream (kind "labelled",
+           "image-text" or "detection"; evaluation, finite epochs or resampled) -> make_loader; SkipGuard
+           transforms per objective: mae_train_transform, eval_transform, clip_*_transform, detection_*_transform
 Offline:   ensure_embedded_shards (3000 Fashion-MNIST images shipped with the package)
 """
 
 from .detection import CocoImage, CocoSource, coco_ground_truth, decode_detection, read_coco, write_detection_shards
 from .embedded import EMBEDDED_DIR, FASHION_MNIST_CLASSES, ensure_embedded_shards, read_embedded
 from .errors import DataError
+from .guard import SkipGuard
 from .images import ImageOptions
 from .pairs import ImageTextPair, decode_pair, read_pair_folder, read_pair_manifest, write_pair_shards
-from .shards import count_samples, expand_shards
+from .samples import DetectionSamples, ImageTextSamples, LabelledSamples
+from .shards import count_samples, expand_shards, expand_sources
 from .sources import IMAGE_EXTENSIONS, LabelledImage, LabelledSource, read_idx, read_image_folder, read_manifest
 from .stream import ShardStream, make_loader
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, mae_train_transform
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    clip_eval_transform,
+    clip_train_transform,
+    detection_eval_transform,
+    detection_train_transform,
+    eval_transform,
+    mae_train_transform,
+)
 from .writer import SHARD_LIST_FILE, SIZES_FILE, STATS_FILE, ShardWriter, write_labelled_shards, write_split
 
 __all__ = [
     "CocoImage",
     "CocoSource",
     "DataError",
+    "DetectionSamples",
     "EMBEDDED_DIR",
     "FASHION_MNIST_CLASSES",
     "IMAGENET_MEAN",
@@ -30,20 +46,30 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageOptions",
     "ImageTextPair",
+    "ImageTextSamples",
     "LabelledImage",
+    "LabelledSamples",
     "LabelledSource",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
     "SHARD_LIST_FILE",
     "SIZES_FILE",
     "STATS_FILE",
     "ShardStream",
     "ShardWriter",
+    "SkipGuard",
+    "clip_eval_transform",
+    "clip_train_transform",
     "coco_ground_truth",
     "count_samples",
     "decode_detection",
     "decode_pair",
+    "detection_eval_transform",
+    "detection_train_transform",
     "ensure_embedded_shards",
     "eval_transform",
     "expand_shards",
+    "expand_sources",
     "mae_train_transform",
     "make_loader",
     "read_coco",

@@ -3,6 +3,11 @@
 A spec may be a brace pattern (`dir/train-{000000..000003}.tar`), a directory (all `*.tar`, sorted), a `.txt`
 file listing one shard per line (relative to the list file), a comma-separated string of any of these, or a
 Python list of them. URLs (`http://...`, `s3://...`, `pipe:...`) pass through unchecked.
+
+Several sources to mix are separated by "::", as in open_clip: `"laion/{00000..00099}.tar::cc12m/"`. Each source
+may carry a weight (`weights=[1.0, 3.0]` or `"1::3"`), an upsampling factor: in resampled streaming every shard of
+source i is drawn with weight w_i, so source i supplies w_i * n_i / sum_j(w_j * n_j) of the shards (n_i its shard
+count), the semantics of open_clip's ResampledShards2 and --train-data-upsampling-factors.
 """
 
 from __future__ import annotations
@@ -65,15 +70,43 @@ def _expand_one(spec: str) -> list[str]:
     return [str(path)]
 
 
+SOURCE_SEPARATOR = "::"
+
+
 def expand_shards(spec) -> list[str]:
-    """Expand a shard spec (pattern, directory, .txt list, comma-separated string or list) into shard paths."""
+    """Expand a shard spec (pattern, directory, .txt list, comma- or "::"-separated string, or list) into shard
+    paths: all sources together, in order."""
     if isinstance(spec, (str, Path)):
-        shards = [s for part in _split_commas(str(spec)) for s in _expand_one(part)]
+        parts = [p for source in str(spec).split(SOURCE_SEPARATOR) for p in _split_commas(source)]
+        shards = [s for part in parts for s in _expand_one(part)]
     else:
         shards = [s for item in spec for s in expand_shards(item)]
     if not shards:
         raise DataError(f"shard spec {spec!r} names no shards")
     return shards
+
+
+def expand_sources(spec, weights=None) -> list[tuple[list[str], float]]:
+    """[(shards of source i, weight w_i)] for a spec whose sources are separated by "::" (a string) or that is a list
+    with one spec per source. weights: one positive number per source, as a list or a "1::3" string; default 1 each.
+    """
+    if isinstance(spec, (str, Path)):
+        specs = [part for part in str(spec).split(SOURCE_SEPARATOR) if part.strip()]
+    else:
+        specs = list(spec)
+    if weights is None:
+        weights = [1.0] * len(specs)
+    elif isinstance(weights, str):
+        weights = weights.split(SOURCE_SEPARATOR)
+    try:
+        weights = [float(w) for w in weights]
+    except ValueError as error:
+        raise DataError(f"source weights must be numbers, got {weights!r}") from error
+    if len(weights) != len(specs):
+        raise DataError(f"{len(weights)} weight(s) {weights} for {len(specs)} source(s) in shard spec {spec!r}")
+    if any(not w > 0 for w in weights):
+        raise DataError(f"source weights must be > 0, got {weights}")
+    return [(expand_shards(source), weight) for source, weight in zip(specs, weights)]
 
 
 def _scan_count(shard: str) -> int:

@@ -1,41 +1,50 @@
-"""Stream batches of (image, label) from WebDataset shards, split over ranks and DataLoader workers.
+"""Stream batches from WebDataset shards (labelled images, image-text pairs or detection), split over ranks and
+DataLoader workers.
 
 Every reading slot is one (rank, worker) pair: slot = rank * num_workers + worker_id (with the worker ids rotated
 by start_batch on resume, see ShardStream). A slot's stream is a pure function of (shards, seed, slot,
 num_slots), so training is reproducible and resuming needs only the number of batches already produced:
 
-    raw samples of pass p  ->  [train: shuffle buffer]  ->  skip samples already consumed (no decoding)
-        ->  decode + transform (torch seeded per sample)  ->  batches of batch_size
+    raw samples  ->  [train: shuffle buffer]  ->  skip samples already consumed (no decoding)
+        ->  kind.prepare: decode + transform (torch seeded per sample)  ->  kind.collate: batches of batch_size
+
+Three ways to read (see ShardStream): evaluation (one pass, every sample once), finite epochs (endless passes,
+each a new shuffle of whole shards, every sample once per pass) and resampled (each slot draws shards with
+replacement, weighted by source; open_clip's --dataset-resampled).
 
 Bad data never stops the stream: undecodable images, samples missing a field and unreadable tar files are
-dropped and counted in each batch's "skipped" dict.
+dropped and counted in each batch's "skipped" dict. When more than max_skip_rate of a slot's samples are bad
+(after a first skip_guard_min_samples), the stream raises DataError instead of training on scraps or waiting
+forever for a batch that never fills.
 
-    stream = ShardStream(expand_shards("shards/train"), mae_train_transform(224), 64, train=True,
+    stream = ShardStream("shards/train", mae_train_transform(224), 64, train=True,
                          rank=rank, world_size=world_size, start_batch=step)
     for batch in make_loader(stream, num_workers=8): ...
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import random
 from collections import Counter
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import tarfile_samples
 
 from .errors import DataError
-from .shards import expand_shards
-from .sources import IMAGE_EXTENSIONS
+from .guard import SkipGuard
+from .images import SampleSkipped
+from .samples import SampleKind, make_kind
+from .shards import expand_sources
 
 logger = logging.getLogger(__name__)
+
+MAX_EMPTY_DRAWS = 100  # resampled: this many shard draws in a row without one sample means there is no data
 
 
 def derive_seed(*parts: int) -> int:
@@ -58,22 +67,35 @@ def _shuffle_buffer(samples, size: int, rng: random.Random):
 
 
 class ShardStream(IterableDataset):
-    """Batches `{"image": FloatTensor[B, 3, H, W], "label": LongTensor[B], "key": list[str],
-    "skipped": dict[str, int]}` from labelled WebDataset shards.
+    """Batches from WebDataset shards, plus `"skipped": dict[str, int]` (samples dropped since the last batch).
 
-    train=True: endless passes; pass p reads the shards in the order `random.Random(seed + p)` gives them
-    (the same on every rank), through a per-slot shuffle buffer; only full batches, which run across passes.
-    train=False: one pass over the sorted shards, no shuffling; the last batch may be partial. Over all
-    slots every sample appears exactly once.
+    kind: "labelled" (`{"image", "label", "key"}`), "image-text" (`{"image", "text", "caption", "key"}`, captions
+    tokenized by `tokenizer`) or "detection" (`{"image", "mask", "target", "key"}`, transform on (image, target)),
+    or a kind object; see data.samples.
 
-    With at least as many shards as slots, slot s reads shards order[s::num_slots]; otherwise each slot reads
-    every shard and keeps the samples whose running index i has i % num_slots == s.
+    train=False (evaluation): one pass over the sorted shards, no shuffling; the last batch may be partial. Over all
+    slots every sample appears exactly once: slot s reads shards order[s::num_slots], or, with fewer shards than
+    slots, every slot reads every shard and keeps the samples whose running index i has i % num_slots == s.
+
+    train=True, resampled=False (finite epochs): endless passes; pass p reads the shards in the order
+    `random.Random(seed + p)` gives them (the same on every rank), slot s reads order[s::num_slots], through a
+    per-slot shuffle buffer seeded by (seed, p, slot): each pass shuffles differently and holds every sample once.
+    Only full batches, which run across passes. Needs at least as many shards as slots (DataError otherwise).
+
+    train=True, resampled=True: each slot draws shards with replacement, from a RNG seeded by (seed, slot), and
+    reads them through one endless shuffle buffer; works with any number of shards (1 shard, 4 slots is fine).
+    weights: one per "::"-separated source of `shards` (see data.shards.expand_sources), upsampling factors.
+
+    An epoch is the engine's notion (samples_per_epoch, e.g. count_samples(shards)); the stream just goes on.
 
     start_batch: number of batches this rank's DataLoader already produced (training only). The DataLoader
     takes batch b from worker b % num_workers, so worker w of the resumed loader plays the part of worker
     (w + start_batch) % num_workers of the first one and skips that worker's share of the produced batches,
     as raw samples, before decoding. The resumed stream then equals the tail of the uninterrupted one, exactly
     so when no sample in the skipped part was dropped as undecodable (the writer checks every image).
+
+    decode_size: decode JPEGs in PIL draft mode, no smaller than decode_size on either side (faster for large
+    images cropped small; set it to the crop size). None decodes at full size.
     """
 
     def __init__(
@@ -88,9 +110,22 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         start_batch: int = 0,
+        kind: str | SampleKind = "labelled",
+        tokenizer: Callable | None = None,
+        resampled: bool = False,
+        weights=None,
+        decode_size: int | None = None,
+        max_skip_rate: float = 0.5,
+        skip_guard_min_samples: int = 200,
     ):
         super().__init__()
-        self.shards = sorted(expand_shards(shards))  # also checks that every shard exists
+        if resampled and not train:
+            raise ValueError("resampled=True is for training; evaluation reads every sample exactly once")
+        if weights is not None and not resampled:
+            raise ValueError("source weights need resampled=True (a finite epoch reads every shard once)")
+        sources = expand_sources(shards, weights)  # also checks that every shard exists
+        self.shards = sorted(shard for source, _ in sources for shard in source)
+        self.shard_weights = [(shard, weight) for source, weight in sources for shard in source]
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -100,40 +135,45 @@ class ShardStream(IterableDataset):
                              f"{shuffle_buffer})")
         if start_batch and not train:
             raise ValueError("start_batch is for resuming training; evaluation always reads the full pass")
-        self.transform, self.batch_size, self.train = transform, batch_size, train
+        if decode_size is not None and decode_size < 1:
+            raise ValueError(f"decode_size must be >= 1 or None, got {decode_size}")
+        self.kind = make_kind(kind, tokenizer, decode_size)
+        self.transform, self.batch_size, self.train, self.resampled = transform, batch_size, train, resampled
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.max_skip_rate, self.skip_guard_min_samples = max_skip_rate, skip_guard_min_samples
+        SkipGuard(max_skip_rate, skip_guard_min_samples)  # checks the arguments now, not in a worker
 
     # -------------------------------------------------------------------------------- raw samples
 
-    def _read_shard(self, shard: str, skipped: Counter, report: bool = True) -> Iterator[dict]:
+    def _read_shard(self, shard: str, counts: _SkipCounts, report: bool = True) -> Iterator[dict]:
         """Raw samples of one tar file; a read error counts as "bad_tar" (if `report`) and ends this shard only."""
         try:
             yield from tarfile_samples([{"url": shard}], handler=reraise_exception)
         except Exception as error:  # truncated tar, missing file, duplicate names, ...
             if report:
-                skipped["bad_tar"] += 1
                 logger.warning("skipping the rest of shard %s: %s: %s", shard, type(error).__name__, error)
+                counts.skip("bad_tar")
 
-    def _pass_samples(self, pass_index: int, slot: int, num_slots: int, skipped: Counter) -> Iterator[dict]:
-        """This slot's raw samples for one pass, in reading order (before the shuffle buffer)."""
+    def _pass_samples(self, pass_index: int, slot: int, num_slots: int, counts: _SkipCounts) -> Iterator[dict]:
+        """This slot's raw samples for one pass (evaluation or finite epochs), before the shuffle buffer."""
         order = list(self.shards)
         if self.train:
             random.Random(self.seed + pass_index).shuffle(order)
         if len(order) >= num_slots:
             for shard in order[slot::num_slots]:
-                yield from self._read_shard(shard, skipped)
-        else:  # too few shards: every slot reads everything and keeps its share of samples
+                yield from self._read_shard(shard, counts)
+        else:  # evaluation with too few shards: every slot reads everything and keeps its share of samples
             # Every slot meets the same bad tar; slot 0 alone reports it, so it is counted once.
-            samples = (s for shard in order for s in self._read_shard(shard, skipped, report=slot == 0))
+            samples = (s for shard in order for s in self._read_shard(shard, counts, report=slot == 0))
             for index, sample in enumerate(samples):
                 if index % num_slots == slot:
                     yield sample
 
-    def _raw_stream(self, slot: int, num_slots: int, skipped: Counter) -> Iterator[tuple[int, dict]]:
+    def _epoch_stream(self, slot: int, num_slots: int, counts: _SkipCounts) -> Iterator[tuple[int, dict]]:
         """(pass index, raw sample) for this slot: one pass, or endless shuffled passes when training."""
         for pass_index in itertools.count() if self.train else [0]:
-            samples = self._pass_samples(pass_index, slot, num_slots, skipped)
+            samples = self._pass_samples(pass_index, slot, num_slots, counts)
             if self.train and self.shuffle_buffer > 1:
                 samples = _shuffle_buffer(samples, self.shuffle_buffer,
                                           random.Random(derive_seed(self.seed, pass_index, slot)))
@@ -148,36 +188,54 @@ class ShardStream(IterableDataset):
                     f"{self.shards[0]}; use fewer workers or more data"
                 )
 
+    def _resampled_stream(self, slot: int, num_slots: int, counts: _SkipCounts) -> Iterator[tuple[int, dict]]:
+        """(0, raw sample) for this slot, endlessly: shards drawn with replacement, weighted, one shuffle buffer."""
+        rng = random.Random(derive_seed(self.seed, slot, num_slots, 1))
+        shards = [shard for shard, _ in self.shard_weights]
+        cumulative = list(itertools.accumulate(weight for _, weight in self.shard_weights))
+
+        def draws() -> Iterator[dict]:
+            empty_draws = 0
+            while True:
+                shard = rng.choices(shards, cum_weights=cumulative)[0]
+                empty = True
+                for sample in self._read_shard(shard, counts):
+                    empty = False
+                    yield sample
+                empty_draws = empty_draws + 1 if empty else 0
+                if empty_draws >= MAX_EMPTY_DRAWS:
+                    raise DataError(f"reading slot {slot} of {num_slots} (rank {self.rank}): {empty_draws} shard "
+                                    f"draws in a row gave no samples (last: {shard}); check the shards "
+                                    f"({len(shards)} in all, starting with {shards[0]})")
+
+        samples = draws()
+        if self.shuffle_buffer > 1:
+            samples = _shuffle_buffer(samples, self.shuffle_buffer, random.Random(derive_seed(self.seed, slot, num_slots, 2)))
+        for sample in samples:
+            yield 0, sample
+
+    def _raw_stream(self, slot: int, num_slots: int, counts: _SkipCounts) -> Iterator[tuple[int, dict]]:
+        if self.resampled:
+            return self._resampled_stream(slot, num_slots, counts)
+        if self.train and len(self.shards) < num_slots:
+            raise DataError(
+                f"{len(self.shards)} shard(s) (starting with {self.shards[0]}) for {num_slots} reading slots "
+                f"({self.world_size} process(es) x {num_slots // self.world_size} DataLoader worker(s)): finite-epoch "
+                f"training gives every slot whole shards of its own. Use resampled=True (shards drawn with "
+                f"replacement), fewer workers, or write the data into at least {num_slots} shards"
+            )
+        return self._epoch_stream(slot, num_slots, counts)
+
     # -------------------------------------------------------------------------------- decoding
 
-    def _decode(self, raw: dict, skipped: Counter) -> tuple[Image.Image, int] | None:
-        image_field = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if image_field is None or "cls" not in raw:
-            skipped["missing_field"] += 1
-            logger.debug("sample %s in %s lacks an image or cls field", raw.get("__key__"), raw.get("__url__"))
-            return None
-        try:
-            label = int(raw["cls"].decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            skipped["bad_label"] += 1
-            return None
-        try:
-            with Image.open(io.BytesIO(raw[image_field])) as image:
-                image = image.convert("RGB")
-        except Exception as error:  # PIL raises many types for bad data
-            skipped["undecodable_image"] += 1
-            logger.debug("sample %s in %s: undecodable image (%s)", raw.get("__key__"), raw.get("__url__"), error)
-            return None
-        return image, label
-
-    def _transform(self, image: Image.Image, sample_seed: int) -> torch.Tensor:
+    def _prepare(self, raw: dict, sample_seed: int) -> dict:
         # Augmentation randomness is a function of the sample's position, not of what ran before it.
         if get_worker_info() is not None:
             torch.manual_seed(sample_seed)
-            return self.transform(image)
+            return self.kind.prepare(raw, self.transform)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone in the main process
             torch.manual_seed(sample_seed)
-            return self.transform(image)
+            return self.kind.prepare(raw, self.transform)
 
     # -------------------------------------------------------------------------------- batches
 
@@ -190,38 +248,54 @@ class ShardStream(IterableDataset):
         slot, num_slots = self.rank * num_workers + role, self.world_size * num_workers
         samples_to_skip = len(range(role, self.start_batch, num_workers)) * self.batch_size
 
-        skipped = Counter()
-        images, labels, keys = [], [], []
-        for index, (pass_index, raw) in enumerate(self._raw_stream(slot, num_slots, skipped)):
+        counts = _SkipCounts(SkipGuard(
+            self.max_skip_rate, self.skip_guard_min_samples,
+            where=f"reading slot {slot} of {num_slots} (rank {self.rank}) from {len(self.shards)} shard(s) "
+                  f"starting with {self.shards[0]}"))
+        items = []
+        for index, (pass_index, raw) in enumerate(self._raw_stream(slot, num_slots, counts)):
             if index < samples_to_skip:
                 if index == samples_to_skip - 1:
-                    skipped.clear()  # these counts belonged to batches produced before the resume
+                    counts.reset()  # these counts belonged to batches produced before the resume
                 continue
-            decoded = self._decode(raw, skipped)
-            if decoded is None:
+            try:
+                items.append(self._prepare(raw, derive_seed(self.seed, pass_index, slot, index)))
+            except SampleSkipped as skip:
+                logger.debug("sample %s in %s skipped: %s", raw.get("__key__"), raw.get("__url__"), skip)
+                counts.skip(skip.reason)
                 continue
-            image, label = decoded
-            images.append(self._transform(image, derive_seed(self.seed, pass_index, slot, index)))
-            labels.append(label)
-            keys.append(raw["__key__"])
-            if len(images) == self.batch_size:
-                batch = self._batch(images, labels, keys, skipped)
-                images, labels, keys = [], [], []
-                skipped.clear()  # the same Counter the raw stream adds to
-                yield batch
-        if images:  # only in evaluation: training never ends
-            yield self._batch(images, labels, keys, skipped)
-        elif skipped:
-            logger.warning("slot %d: samples dropped after the last batch: %s", slot, dict(skipped))
+            counts.keep()
+            if len(items) == self.batch_size:
+                yield self._batch(items, counts)
+                items = []
+        if items:  # only in evaluation: training never ends
+            yield self._batch(items, counts)
+        elif counts.batch:
+            logger.warning("slot %d: samples dropped after the last batch: %s", slot, dict(counts.batch))
 
-    @staticmethod
-    def _batch(images, labels, keys, skipped: Counter) -> dict:
-        return {
-            "image": torch.stack(images),
-            "label": torch.tensor(labels, dtype=torch.long),
-            "key": keys,
-            "skipped": dict(skipped),
-        }
+    def _batch(self, items: list[dict], counts: _SkipCounts) -> dict:
+        batch = {**self.kind.collate(items), "skipped": dict(counts.batch)}
+        counts.batch.clear()  # the next batch reports what was dropped after this one
+        return batch
+
+
+class _SkipCounts:
+    """A slot's skipped samples: those since the last batch (reported in the next one) and, through the guard,
+    all of them (raising DataError when too many are bad)."""
+
+    def __init__(self, guard: SkipGuard):
+        self.guard, self.batch = guard, Counter()
+
+    def skip(self, reason: str) -> None:
+        self.batch[reason] += 1
+        self.guard.update(0, {reason: 1})
+
+    def keep(self) -> None:
+        self.guard.kept += 1
+
+    def reset(self) -> None:
+        self.batch.clear()
+        self.guard.reset()
 
 
 def make_loader(stream: ShardStream, num_workers: int, **loader_kwargs) -> DataLoader:

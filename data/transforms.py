@@ -1,14 +1,17 @@
-"""Image transforms for pretraining and evaluation (PIL image in, normalised [3, H, W] float tensor out).
+"""Image transforms per objective (PIL image in, normalised [3, H, W] float tensor out).
 
-The training transform is MAE's: a random resized crop (bicubic), a horizontal flip, and nothing else; MAE
-relies on masking, not on heavy augmentation. Greyscale or palette images are converted to RGB first.
+MAE: a random resized crop (bicubic), a horizontal flip, and nothing else; MAE relies on masking, not on heavy
+augmentation. CLIP: open_clip's gentle crop and OpenAI's normalisation. Detection: DETR's flip, multi-scale
+resize and random crop, applied to the image and its boxes together (torchvision.transforms.v2). Greyscale or
+palette images are converted to RGB first.
 """
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
+from torchvision import transforms, tv_tensors
+from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,4 +51,102 @@ def eval_transform(image_size: int, crop_fraction: float = 0.875, mean=IMAGENET_
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
+    ])
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+
+# open_clip.OPENAI_DATASET_MEAN / _STD (the statistics CLIP was trained with), kept here so that the data layer
+# does not import open_clip; tests check that they agree.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_train_transform(image_size: int, scale=(0.9, 1.0), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """open_clip's training transform: RandomResizedCrop(image_size, scale, bicubic) + ToTensor + Normalize.
+
+    CLIP crops gently (90-100% of the image) and does not flip: a caption may say "left" or "right".
+    """
+    return transforms.Compose([
+        ToRGB(),
+        transforms.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def clip_eval_transform(image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """Resize the short side to image_size (bicubic) + CenterCrop(image_size) + ToTensor + Normalize."""
+    return eval_transform(image_size, crop_fraction=1.0, mean=mean, std=std)
+
+
+# ------------------------------------------------------------------------------------------------ detection
+#
+# Detection transforms take and return (image, target): the image a PIL image (then a tv_tensors.Image), the
+# target {"boxes": tv_tensors.BoundingBoxes in pixels, "labels": LongTensor[n]}. torchvision.transforms.v2 moves
+# the boxes with the image; SanitizeBoundingBoxes drops boxes (and their labels) that a crop left empty.
+# `data.samples.DetectionSamples` builds the target from a shard and turns the boxes into normalised cx, cy, w, h.
+
+DETR_SCALES = tuple(range(480, 801, 32))  # shorter-side sizes of DETR's multi-scale training
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random region whose width and height are drawn uniformly from [min_size, max_size] (each capped by
+    the image's own size), at a random position; boxes follow through torchvision's crop kernel."""
+
+    def __init__(self, min_size: int, max_size: int):
+        super().__init__()
+        if not 0 < min_size <= max_size:
+            raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        image = next(item for item in flat_inputs if isinstance(item, tv_tensors.Image))
+        height, width = v2.functional.get_size(image)
+
+        def draw(limit: int) -> int:
+            low, high = min(self.min_size, limit), min(self.max_size, limit)
+            return int(torch.randint(low, high + 1, ()))
+
+        crop_height, crop_width = draw(height), draw(width)
+        top = int(torch.randint(0, height - crop_height + 1, ()))
+        left = int(torch.randint(0, width - crop_width + 1, ()))
+        return {"top": top, "left": left, "height": crop_height, "width": crop_width}
+
+    def transform(self, inpt, params: dict):
+        return v2.functional.crop(inpt, **params)
+
+
+def _detection_output(mean, std) -> list:
+    return [
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=1.0),  # drops boxes a crop emptied, with their labels
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ]
+
+
+def detection_train_transform(scales=DETR_SCALES, max_size: int = 1333, crop_scales=(400, 500, 600),
+                              crop_size=(384, 600), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """DETR's training augmentation on (image, target): horizontal flip; then either a multi-scale resize (shorter
+    side drawn from `scales`, longer side at most `max_size`), or a resize to one of `crop_scales`, a random crop of
+    `crop_size` = (min, max) pixels per side, and the multi-scale resize. Normalised float image out."""
+    resize = v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True)
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomHorizontalFlip(),
+        v2.RandomChoice([
+            resize,
+            v2.Compose([v2.RandomShortestSize(list(crop_scales), antialias=True), RandomSizeCrop(*crop_size), resize]),
+        ]),
+        *_detection_output(mean, std),
+    ])
+
+
+def detection_eval_transform(size: int = 800, max_size: int = 1333, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize the shorter side to `size` (the longer one at most `max_size`), boxes alike; normalised float out."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(size, max_size=max_size, antialias=True),
+        *_detection_output(mean, std),
     ])

@@ -49,13 +49,13 @@ class ClassificationTask:
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, shards: list[str], transform, batch_size: int, num_workers: int,
-                     accelerator, description: str) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(encoder: nn.Module, shards: str, transform, batch_size: int, num_workers: int,
+                     accelerator, description: str, max_skip_rate: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's share of the shards, every sample once -> (features [N, D], labels [N]) on the CPU."""
     from tqdm.auto import tqdm
 
     stream = ShardStream(shards, transform, batch_size, train=False, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes)
+                         world_size=accelerator.num_processes, max_skip_rate=max_skip_rate)
     total = -(-count_samples(shards) // (batch_size * accelerator.num_processes))
     features, labels = [], []
     for batch in tqdm(make_data_loader(stream, num_workers), total=total, desc=description, unit="batch",
@@ -114,9 +114,9 @@ def run_linear_probe(cfg: LinearProbeConfig) -> dict[str, Any]:
     encoder.eval().requires_grad_(False).to(accelerator.device)
     transform = eval_transform(cfg.data.image_size, crop_fraction=cfg.data.eval_crop_fraction, mean=cfg.data.mean, std=cfg.data.std)
     train_features, train_labels = extract_features(encoder, train_shards, transform, cfg.feature_batch_size,
-                                                    cfg.data.num_workers, accelerator, "features (train)")
+                                                    cfg.data.num_workers, accelerator, "features (train)", cfg.data.max_skip_rate)
     val_features, val_labels = extract_features(encoder, val_shards, transform, cfg.feature_batch_size,
-                                                cfg.data.num_workers, accelerator, "features (val)")
+                                                cfg.data.num_workers, accelerator, "features (val)", cfg.data.max_skip_rate)
     del encoder
     local_count = torch.tensor(float(len(train_features)), device=accelerator.device)
     samples_per_epoch = int(accelerator.reduce(local_count, reduction="sum").item())

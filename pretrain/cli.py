@@ -49,7 +49,7 @@ def run_entry_point(body: Callable[[], Any]) -> int:
     try:
         body()
     except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -58,6 +58,16 @@ def run_entry_point(body: Callable[[], Any]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def one_line(err: Exception) -> str:
+    """The error's own message. An error raised in a DataLoader worker arrives wrapped in the worker's traceback
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep its last line only."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]  # "data.errors.DataError: <message>"
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def import_run(path: str) -> Callable:

@@ -193,6 +193,13 @@ class DataConfig:
     train: str = "embedded"  # shards: brace pattern, directory, .txt list, comma list; or "embedded" (bundled data)
     val: Optional[str] = "embedded"  # evaluation / picture shards; "embedded" = the bundled validation split
     cache_dir: Optional[str] = None  # where "embedded" shards are written (default: OUTPUT_DIR/data)
+    # finite epochs (false): every sample once per epoch, needs >= processes x workers shards. resampled (true):
+    # shards drawn with replacement, needed for `weights`; an epoch is `samples_per_epoch` samples.
+    resampled: bool = False
+    weights: Optional[list[float]] = None  # one per "::"-separated source in `train` (resampled only)
+    samples_per_epoch: Optional[int] = None  # default: the training shards' sample count (stats.json)
+    max_skip_rate: float = 0.5  # stop the run when more than this share of samples read so far was unreadable
+    decode_size: Optional[int] = None  # decode JPEGs at reduced size (PIL draft) no smaller than this: faster
     image_size: int = 32
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range for training
     eval_crop_fraction: float = 1.0  # evaluation: resize to image_size / fraction, centre-crop image_size (0.875 on ImageNet)
@@ -206,6 +213,9 @@ class DataConfig:
         check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"'data.crop_scale' must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         check(0 < self.eval_crop_fraction <= 1, f"'data.eval_crop_fraction' must be in (0, 1], got {self.eval_crop_fraction}")
         check(self.num_workers >= 0, f"'data.num_workers' must be >= 0, got {self.num_workers}")
+        check(self.weights is None or self.resampled, "'data.weights' needs data.resampled=true")
+        check(self.samples_per_epoch is None or self.samples_per_epoch > 0, f"'data.samples_per_epoch' must be positive, got {self.samples_per_epoch}")
+        check(0 <= self.max_skip_rate <= 1, f"'data.max_skip_rate' must be in [0, 1], got {self.max_skip_rate}")
         check(self.shuffle_buffer >= 1, f"'data.shuffle_buffer' must be >= 1, got {self.shuffle_buffer}")
 
 

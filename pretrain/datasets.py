@@ -13,22 +13,25 @@ from .config import DataConfig
 EMBEDDED = "embedded"
 
 
-def resolve_shards(data: DataConfig, output_dir: Path, accelerator) -> tuple[list[str], list[str] | None]:
-    """Shard lists for `data.train` / `data.val`; "embedded" writes the bundled data set once (main process first)."""
+def resolve_shards(data: DataConfig, output_dir: Path, accelerator) -> tuple[str, str | None]:
+    """Shard specs for `data.train` / `data.val` ("embedded" writes the bundled data set once, main process first),
+    checked to name existing shards. Specs, not lists, so "a::b" sources keep their `data.weights`."""
     embedded_train = embedded_val = None
     if EMBEDDED in (data.train, data.val):
         cache = Path(data.cache_dir) if data.cache_dir else Path(output_dir) / "data"
         with accelerator.main_process_first():
             embedded_train, embedded_val = ensure_embedded_shards(cache)
-    train = expand_shards(embedded_train if data.train == EMBEDDED else data.train)
-    val = None
-    if data.val is not None:
-        val = expand_shards(embedded_val if data.val == EMBEDDED else data.val)
+    train = embedded_train if data.train == EMBEDDED else data.train
+    val = embedded_val if data.val == EMBEDDED else data.val
+    for spec in (train, val):
+        if spec is not None:
+            expand_shards(spec)  # a missing shard or folder fails here, naming it
     return train, val
 
 
-def read_class_names(shards: list[str]) -> list[str]:
+def read_class_names(spec: str) -> list[str]:
     """Class names from the stats.json beside the shards (written by `python -m data`)."""
+    shards = expand_shards(spec)
     stats_file = Path(shards[0]).parent / STATS_FILE
     if not stats_file.is_file():
         raise DataError(f"no {STATS_FILE} beside {shards[0]}: set num_classes in the config")
@@ -38,7 +41,7 @@ def read_class_names(shards: list[str]) -> list[str]:
     return list(classes)
 
 
-def first_images(shards: list[str], data: DataConfig, count: int) -> torch.Tensor:
+def first_images(shards: str, data: DataConfig, count: int) -> torch.Tensor:
     """The first `count` evaluation images [count, 3, H, W] (a fixed set, so pictures of runs are comparable)."""
     transform = eval_transform(data.image_size, crop_fraction=data.eval_crop_fraction, mean=data.mean, std=data.std)
     stream = ShardStream(shards, transform, batch_size=count, train=False)

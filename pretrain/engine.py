@@ -167,11 +167,13 @@ class Trainer:
         model_metadata: dict[str, str],
         accelerator=None,
         layer_decay: Optional[float] = None,
+        skip_guard=None,
     ):
         self.train_cfg, self.optim_cfg, self.logging_cfg = train, optim, logging_cfg
         self.output_dir = Path(output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.task = task
+        self.skip_guard = skip_guard  # e.g. data.SkipGuard: stops the run when too many samples are unreadable
         self.make_loader = make_loader
         self.run_config = run_config
         self.model_metadata = model_metadata
@@ -215,7 +217,10 @@ class Trainer:
             step_totals: dict[str, torch.Tensor] = {}
             for _ in range(cfg.grad_accum_steps):
                 batch = next(batches)
-                window.add_skipped(batch.pop("skipped", None))
+                skipped = batch.pop("skipped", None)
+                window.add_skipped(skipped)
+                if self.skip_guard is not None:
+                    self.skip_guard.update(_batch_size(batch), skipped)
                 batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with acc.accumulate(self.model):
                     outputs = self.task(self.model, batch)
@@ -271,7 +276,7 @@ class Trainer:
             **{k: float(v) for k, v in values.items()},
             "lr": self.current_lr(),
             "images_per_s": window.samples / elapsed if elapsed > 0 else 0.0,
-            "skipped_samples": window.skipped_total(acc),
+            **window.skipped_counts(acc),
         }
         if acc.is_main_process:
             with open(self.output_dir / "log.jsonl", "a") as f:
@@ -374,11 +379,24 @@ class _Window:
         for reason, n in (counts or {}).items():
             self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
 
-    def skipped_total(self, acc) -> int:
-        total = torch.tensor(float(sum(self.skipped.values())), device=acc.device)
+    def skipped_counts(self, acc) -> dict[str, Any]:
+        """{"skipped_samples": total over all processes, "skipped": {reason: count}} since the last log line."""
+        counts = [self.skipped]
         if acc.num_processes > 1:
-            total = acc.reduce(total, reduction="sum")
-        return int(total.item())
+            from accelerate.utils import gather_object
+
+            counts = gather_object([self.skipped])
+        merged: dict[str, int] = {}
+        for part in counts:
+            for reason, n in part.items():
+                merged[reason] = merged.get(reason, 0) + n
+        return {"skipped_samples": sum(merged.values()), "skipped": merged}
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    if "key" in batch:
+        return len(batch["key"])
+    return next(len(v) for v in batch.values() if torch.is_tensor(v) or isinstance(v, list))
 
 
 def _rng_state() -> dict[str, Any]:

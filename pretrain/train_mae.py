@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from data import ShardStream, count_samples, mae_train_transform
+from data import ShardStream, SkipGuard, count_samples, mae_train_transform
 from data import make_loader as make_data_loader
 
 from .config import MAEPretrainConfig, to_dict
@@ -31,7 +31,7 @@ def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.train)
     output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
     train_shards, val_shards = resolve_shards(cfg.data, output_dir, accelerator)
-    samples_per_epoch = count_samples(train_shards)
+    samples_per_epoch = cfg.data.samples_per_epoch or count_samples(train_shards)
 
     set_seed(cfg.train.seed)  # the same initial weights on every process
     model = create_model(
@@ -46,6 +46,8 @@ def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
         stream = ShardStream(
             train_shards, transform, cfg.train.batch_size, train=True, seed=cfg.train.seed,
             shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size, start_batch=start_batch,
+            resampled=cfg.data.resampled, weights=cfg.data.weights, decode_size=cfg.data.decode_size,
+            max_skip_rate=cfg.data.max_skip_rate,
         )
         return make_data_loader(stream, cfg.data.num_workers)
 
@@ -61,6 +63,7 @@ def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
         run_config=to_dict(cfg),
         model_metadata=model_metadata(model, cfg.model.name, "mae"),
         accelerator=accelerator,
+        skip_guard=SkipGuard(cfg.data.max_skip_rate, where=f"training data {train_shards}"),
     )
     summary = trainer.fit()
 

@@ -311,14 +311,15 @@ def test_eval_two_ranks_two_workers_see_every_sample_once(tmp_path, shard_size):
     assert sorted(keys) == [f"{i:07d}" for i in range(23)]
 
 
-def test_train_one_shard_feeds_four_slots_disjointly(tmp_path):
+def test_eval_one_shard_feeds_four_slots_disjointly(tmp_path):
+    # Evaluation splits by sample when shards are fewer than slots (finite training refuses: tests/test_stream.py).
     out, _, _ = idx_shards(tmp_path, count=24, shard_size=100)
     assert len(expand_shards(out)) == 1
     keys = []
     for rank in range(2):
-        stream = ShardStream(expand_shards(out), as_uint8_tensor(), batch_size=3, train=True, rank=rank,
-                             world_size=2, shuffle_buffer=4)
-        # Each slot holds 6 samples per pass: its first 2 batches are exactly its share of pass 0.
+        stream = ShardStream(expand_shards(out), as_uint8_tensor(), batch_size=3, train=False, rank=rank,
+                             world_size=2)
+        # Each slot holds 6 samples: 2 batches per worker, 4 per rank.
         keys += keys_of(collect(stream, num_workers=2, max_batches=4))
     assert sorted(keys) == [f"{i:07d}" for i in range(24)]
 
@@ -407,7 +408,7 @@ def test_stream_rejects_resume_in_eval_and_empty_slots_in_training(tmp_path):
     with pytest.raises(ValueError, match="start_batch"):
         ShardStream(expand_shards(out), as_uint8_tensor(), 2, train=False, start_batch=1)
     stream = ShardStream(expand_shards(out), as_uint8_tensor(), 1, train=True, rank=2, world_size=3)
-    with pytest.raises(DataError, match="slot 2 of 3 .*got no readable samples"):
+    with pytest.raises(DataError, match=r"1 shard\(s\) .* for 3 reading slots"):
         next(iter(stream))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -491,3 +492,41 @@ def test_demo_command_with_offline_wandb_needs_no_network(tmp_path, embedded_cac
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")  # the run is written under output_dir
     records = run_file.read_bytes()
     assert b"images_per_s" in records and b"mae_vit_tiny_patch4" in records  # the logged metrics and the config
+
+
+# ------------------------------------------------------------------------------------------------ bad data in a run
+
+
+def write_shards_with_garbage(directory: Path, good: int, garbage: int, num_shards: int = 2) -> Path:
+    """Labelled shards holding `good` real images and `garbage` samples whose "png" is not an image."""
+    from data import ShardWriter, read_embedded
+    import itertools
+
+    _, samples = read_embedded()
+    members = [{"__key__": f"good{i:05d}", "png": s.image_bytes, "cls": str(s.label).encode()}
+               for i, s in enumerate(itertools.islice(iter(samples), good))]
+    members += [{"__key__": f"junk{i:05d}", "png": b"not an image at all", "cls": b"0"} for i in range(garbage)]
+    members.sort(key=lambda m: m["__key__"][-3:])  # interleave good and bad
+    per_shard = -(-len(members) // num_shards)
+    with ShardWriter(directory, max_samples=per_shard) as writer:
+        for member in members:
+            writer.write(member)
+    return directory
+
+
+def test_skipped_samples_are_logged_by_reason_with_the_training_metrics(tmp_path, tiny_args):
+    shards = write_shards_with_garbage(tmp_path / "shards", good=60, garbage=6)
+    out = tmp_path / "run"
+    train(tiny_args(out, f"data.train={shards}", "train.log_every=2", "train.stop_after_steps=6"))
+    log = read_log(out)
+    total = sum(r["skipped_samples"] for r in log)
+    assert total > 0 and total == sum(r["skipped"].get("undecodable_image", 0) for r in log)
+    assert all(set(r["skipped"]) <= {"undecodable_image"} for r in log)
+
+
+def test_a_run_over_all_garbage_data_stops_with_a_clear_message(tmp_path, tiny_args, capsys):
+    shards = write_shards_with_garbage(tmp_path / "shards", good=0, garbage=64)
+    status = main(tiny_args(tmp_path / "run", f"data.train={shards}", "data.max_skip_rate=0.5"))
+    assert status == 2
+    line = error_line(capsys)
+    assert re.search(r"\d+ of \d+ samples skipped \(undecodable_image: \d+\), more than the allowed 50%", line), line
