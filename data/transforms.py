@@ -8,6 +8,7 @@ palette images are converted to RGB first.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms, tv_tensors
@@ -27,19 +28,35 @@ class ToRGB:
         return f"{type(self).__name__}()"
 
 
+class ToNormalizedTensor:
+    """PIL RGB image -> float tensor [3, H, W], (pixel / 255 - mean) / std: ToTensor + Normalize in one pass
+    over the pixels (a third cheaper per image; the loaders run it for every sample)."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._offset = torch.tensor(self.mean).view(3, 1, 1) * 255
+        self._scale = torch.tensor(self.std).view(3, 1, 1) * 255
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+        return pixels.float().sub_(self._offset).div_(self._scale)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
 def mae_train_transform(image_size: int, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """RandomResizedCrop(image_size, scale, bicubic) + RandomHorizontalFlip + ToTensor + Normalize."""
+    """RandomResizedCrop(image_size, scale, bicubic) + RandomHorizontalFlip + ToNormalizedTensor."""
     return transforms.Compose([
         ToRGB(),
         transforms.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        ToNormalizedTensor(mean, std),
     ])
 
 
 def eval_transform(image_size: int, crop_fraction: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Resize the short side to image_size / crop_fraction (bicubic), CenterCrop(image_size), ToTensor, Normalize.
+    """Resize the short side to image_size / crop_fraction (bicubic), CenterCrop(image_size), ToNormalizedTensor.
 
     crop_fraction=0.875 is the usual 256 -> 224 evaluation protocol; 1.0 resizes straight to image_size.
     """
@@ -49,8 +66,7 @@ def eval_transform(image_size: int, crop_fraction: float = 0.875, mean=IMAGENET_
         ToRGB(),
         transforms.Resize(int(round(image_size / crop_fraction)), interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        ToNormalizedTensor(mean, std),
     ])
 
 
@@ -63,20 +79,19 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_train_transform(image_size: int, scale=(0.9, 1.0), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
-    """open_clip's training transform: RandomResizedCrop(image_size, scale, bicubic) + ToTensor + Normalize.
+    """open_clip's training transform: RandomResizedCrop(image_size, scale, bicubic) + ToNormalizedTensor.
 
     CLIP crops gently (90-100% of the image) and does not flip: a caption may say "left" or "right".
     """
     return transforms.Compose([
         ToRGB(),
         transforms.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        ToNormalizedTensor(mean, std),
     ])
 
 
 def clip_eval_transform(image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
-    """Resize the short side to image_size (bicubic) + CenterCrop(image_size) + ToTensor + Normalize."""
+    """Resize the short side to image_size (bicubic) + CenterCrop(image_size) + ToNormalizedTensor."""
     return eval_transform(image_size, crop_fraction=1.0, mean=mean, std=std)
 
 
