@@ -12,7 +12,6 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from torchvision import transforms
 
 from data import (
     DataError,
@@ -24,7 +23,6 @@ from data import (
     eval_transform,
     expand_shards,
     mae_train_transform,
-    make_loader,
     read_idx,
     read_image_folder,
     read_manifest,
@@ -32,6 +30,8 @@ from data import (
     write_split,
 )
 from data.__main__ import main as data_cli
+
+from stream_helpers import as_uint8_tensor, collect, keys_of, total_skipped
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -65,32 +65,6 @@ def idx_shards(tmp_path: Path, count: int, shard_size: int) -> tuple[Path, np.nd
     out = tmp_path / "shards"
     write_labelled_shards(samples, out, class_names, shard_size=shard_size, progress=False)
     return out, images, labels
-
-
-def as_uint8_tensor():
-    """A deterministic transform that keeps pixels exact: PIL RGB -> uint8 [3, H, W]."""
-    return transforms.PILToTensor()
-
-
-def collect(stream: ShardStream, num_workers: int, max_batches: int | None = None) -> list[dict]:
-    batches = []
-    for batch in make_loader(stream, num_workers):
-        batches.append(batch)
-        if max_batches is not None and len(batches) == max_batches:
-            break
-    return batches
-
-
-def keys_of(batches) -> list[str]:
-    return [key for batch in batches for key in batch["key"]]
-
-
-def total_skipped(batches) -> dict:
-    totals = {}
-    for batch in batches:
-        for reason, n in batch["skipped"].items():
-            totals[reason] = totals.get(reason, 0) + n
-    return totals
 
 
 # ------------------------------------------------------------------------------------------------ sources

@@ -5,14 +5,13 @@ import io
 import json
 import re
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from torchvision import transforms, tv_tensors
+from torchvision import tv_tensors
 
 from data import (
     OPENAI_CLIP_MEAN,
@@ -28,13 +27,14 @@ from data import (
     expand_shards,
     expand_sources,
     mae_train_transform,
-    make_loader,
     read_coco,
     read_pair_folder,
     write_detection_shards,
     write_pair_shards,
 )
 from data.samples import open_image
+
+from stream_helpers import as_uint8_tensor, collect, keys_of, total_skipped
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -58,27 +58,6 @@ def write_labelled(directory: Path, num_shards: int, per_shard: int, prefix: str
             pixels = image or encoded(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
             writer.write({"__key__": f"{key_prefix}{i:04d}", "png": pixels, "cls": str(i % 3).encode()})
     return directory
-
-
-def as_uint8_tensor():
-    return transforms.PILToTensor()
-
-
-def collect(stream: ShardStream, num_workers: int, max_batches: int | None = None) -> list[dict]:
-    batches = []
-    for batch in make_loader(stream, num_workers):
-        batches.append(batch)
-        if max_batches is not None and len(batches) == max_batches:
-            break
-    return batches
-
-
-def keys_of(batches) -> list[str]:
-    return [key for batch in batches for key in batch["key"]]
-
-
-def total_skipped(batches) -> dict:
-    return dict(sum((Counter(batch["skipped"]) for batch in batches), Counter()))
 
 
 def box_image(width: int, height: int, box) -> Image.Image:
