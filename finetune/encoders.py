@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import CheckpointError, MODEL_FILE, find_latest, load_model_file
+from pretrain.config import ConfigError
 from pretrain.models import MaskedAutoencoderViT, create_model
 
 
@@ -71,7 +72,11 @@ def build_feature_encoder(kind: str, checkpoint: str | None, model_name: str, im
     if checkpoint is not None:
         encoder, description = vit_encoder(mae_from_checkpoint(checkpoint), image_size), f"MAE checkpoint {resolve_weights_file(checkpoint)}"
     else:
-        encoder, description = vit_encoder(create_model(model_name, img_size=image_size)), f"random init ({model_name})"
+        try:
+            mae = create_model(model_name, img_size=image_size)
+        except ValueError as err:
+            raise ConfigError(f"'encoder.model_name' {model_name}: {err}") from None
+        encoder, description = vit_encoder(mae), f"random init ({model_name})"
     return ClassTokenFeatures(encoder), description
 
 

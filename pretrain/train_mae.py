@@ -10,7 +10,7 @@ import torch
 from data import ShardStream, SkipGuard, count_samples, mae_train_transform
 from data import make_loader as make_data_loader
 
-from .config import MAEPretrainConfig, to_dict
+from .config import ConfigError, MAEPretrainConfig, to_dict
 from .datasets import first_images, resolve_shards
 from .engine import Trainer, make_accelerator, prepare_output_dir
 from .models import create_model
@@ -34,9 +34,11 @@ def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
     samples_per_epoch = cfg.data.samples_per_epoch or count_samples(train_shards)
 
     set_seed(cfg.train.seed)  # the same initial weights on every process
-    model = create_model(
-        cfg.model.name, img_size=cfg.data.image_size, norm_pix_loss=cfg.model.norm_pix_loss, mask_ratio=cfg.model.mask_ratio
-    )
+    try:
+        model = create_model(cfg.model.name, img_size=cfg.data.image_size, norm_pix_loss=cfg.model.norm_pix_loss,
+                             mask_ratio=cfg.model.mask_ratio)
+    except ValueError as err:  # an unknown name, or sizes that do not fit (image not divisible by the patch)
+        raise ConfigError(f"'model.name' {cfg.model.name}: {err}") from None
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
 

@@ -201,3 +201,11 @@ def test_save_config_round_trips_every_field_of_the_defaults(tmp_path):
     reloaded = load_config(MAEPretrainConfig, tmp_path / "sub" / "config.yaml")
     assert reloaded == cfg
     assert [f.name for f in dataclasses.fields(reloaded)] == list(yaml.safe_load((tmp_path / "sub" / "config.yaml").read_text()))
+
+
+def test_unknown_model_name_is_one_clear_line(tmp_path, capsys):
+    from pretrain.cli import main
+
+    assert main([f"output_dir={tmp_path / 'run'}", "model.name=mae_vit_tinny_patch4", "logging.wandb=disabled"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "'model.name' mae_vit_tinny_patch4" in err[0] and "mae_vit_tiny_patch4" in err[0]
