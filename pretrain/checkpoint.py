@@ -3,7 +3,7 @@
 Layout of one checkpoint, `OUTPUT_DIR/checkpoints/step_00001234/`:
 - `model.safetensors`: the model weights, loadable on their own (`safetensors.torch.load_file`); the metadata
   holds the model's registered name and constructor arguments as JSON, so the file alone rebuilds the model.
-- `train_state.pt`: optimizer, grad scaler, RNG states, step and data position, for resume. Only tensors and
+- `train_state.pt`: optimizer, scheduler, grad scaler, RNG states, step and data position, for resume. Only tensors and
   plain Python values, so it loads with `torch.load(weights_only=True)`.
 - `meta.json`: step, epoch and a `complete` flag, written last.
 

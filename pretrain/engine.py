@@ -318,6 +318,7 @@ class Trainer:
             train_state = {
                 "step": self.step,
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),  # the lr is a function of the step; kept for inspection
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": _rng_state(),
                 "data": {
