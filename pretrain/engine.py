@@ -119,7 +119,15 @@ def make_accelerator(train: TrainConfig):
         raise ConfigError("'train.mixed_precision' fp16 needs a GPU; on CPU use bf16 (or no)")
     if train.mixed_precision == "auto":
         log.info("mixed precision: auto -> %s", precision)
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=train.grad_accum_steps)
+    # accelerate only sets up CPU-only multi-process runs (torchrun / accelerate launch: gloo) when told cpu=True
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=train.grad_accum_steps,
+                       cpu=not has_accelerator())
+
+
+def has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def prepare_output_dir(output_dir: str | Path, config: Any, train: TrainConfig, accelerator) -> Path:
