@@ -33,5 +33,6 @@ class LinearProbeConfig:
     feature_batch_size: int = 256  # batch size of the (no-grad) feature extraction
 
     def __post_init__(self):
+        check(self.data.val is not None, "'data.val' must name the evaluation shards of a linear probe")
         check(self.num_classes is None or self.num_classes >= 2, f"'num_classes' must be >= 2, got {self.num_classes}")
         check(self.feature_batch_size >= 1, f"'feature_batch_size' must be >= 1, got {self.feature_batch_size}")

@@ -103,10 +103,6 @@ def run_linear_probe(cfg: LinearProbeConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.train)
     output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
     train_shards, val_shards = resolve_shards(cfg.data, output_dir, accelerator)
-    if val_shards is None:
-        from pretrain.config import ConfigError
-
-        raise ConfigError("'data.val' must name the evaluation shards of a linear probe")
     num_classes = cfg.num_classes or len(read_class_names(train_shards))
 
     encoder, description = build_feature_encoder(cfg.encoder.kind, cfg.encoder.checkpoint, cfg.encoder.model_name,
