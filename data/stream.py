@@ -79,7 +79,9 @@ class ShardStream(IterableDataset):
 
     kind: "labelled" (`{"image", "label", "key"}`), "image-text" (`{"image", "text", "caption", "key"}`, captions
     tokenized by `tokenizer`) or "detection" (`{"image", "mask", "target", "key"}`, transform on (image, target)),
-    or a kind object; see data.samples.
+    or a kind object; see data.samples. `transform` gets each image decoded to an RGB uint8 tensor [3, H, W]
+    (see data.samples.open_image) and returns what the batch stacks; torchvision.transforms.v2 transforms take
+    such tensors, and so do all of data.transforms.
 
     train=False (evaluation): one pass over the sorted shards, no shuffling; the last batch may be partial. Over all
     slots every sample appears exactly once: slot s reads shards order[s::num_slots], or, with fewer shards than

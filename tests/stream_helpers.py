@@ -3,14 +3,21 @@ from __future__ import annotations
 
 from collections import Counter
 
-from torchvision import transforms
+import torch
 
 from data import ShardStream, make_loader
 
 
-def as_uint8_tensor():
-    """A deterministic transform that keeps pixels exact: PIL RGB -> uint8 [3, H, W]."""
-    return transforms.PILToTensor()
+class KeepPixels:
+    """The stream's decoded uint8 [3, H, W] image as it is (contiguous, so that batches stack)."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image.contiguous()
+
+
+def as_uint8_tensor() -> KeepPixels:
+    """A deterministic transform that keeps pixels exact: the decoded RGB uint8 [3, H, W] tensor."""
+    return KeepPixels()
 
 
 def collect(stream: ShardStream, num_workers: int, max_batches: int | None = None) -> list[dict]:

@@ -32,6 +32,7 @@ from data import (
     write_detection_shards,
     write_pair_shards,
 )
+from data.images import SampleSkipped
 from data.samples import open_image
 
 from stream_helpers import as_uint8_tensor, collect, keys_of, total_skipped
@@ -181,12 +182,47 @@ def test_detection_train_transform_moves_boxes_with_the_image():
     assert seen_flip and seen_crop
 
 
+def test_open_image_gives_the_same_rgb_pixels_as_pil_for_every_format():
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    cases = {fmt: colour for fmt in ("JPEG", "PNG", "BMP", "TIFF", "WEBP")}
+    cases["grey PNG"] = colour[..., 0]
+    for name, pixels in cases.items():
+        data = encoded(pixels, fmt=name.split()[-1])
+        with Image.open(io.BytesIO(data)) as image:
+            expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        tensor, stored_size = open_image(data)
+        assert tensor.dtype == torch.uint8 and stored_size == (30, 20), name
+        assert torch.equal(tensor, expected), name
+    sixteen_bit = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(sixteen_bit, format="PNG")
+    tensor, _ = open_image(sixteen_bit.getvalue())
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 8, 8)
+    jpeg = encoded(colour, fmt="JPEG")
+    for bad in (jpeg[: len(jpeg) // 2], b"\xff\xd8 not a jpeg", b""):
+        with pytest.raises(SampleSkipped) as caught:
+            open_image(bad)
+        assert caught.value.reason == "undecodable_image"
+
+
+def test_mae_transform_gives_nearly_the_same_pixels_from_a_tensor_as_from_pil():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(60, 80, 3), dtype=np.uint8))
+    transform = mae_train_transform(32, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.manual_seed(5)
+    from_pil = transform(image)
+    torch.manual_seed(5)
+    from_tensor = transform(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    assert from_tensor.shape == from_pil.shape == (3, 32, 32) and from_tensor.is_contiguous()
+    assert (from_tensor - from_pil).abs().max() <= 1 / 255 + 1e-6  # same crop; resize within one grey level
+
+
 def test_decode_size_uses_jpeg_draft_mode_and_keeps_detection_boxes_right(tmp_path):
     jpeg = encoded(np.full((256, 192, 3), 128, dtype=np.uint8), fmt="JPEG")
-    assert open_image(jpeg)[0].size == (192, 256)
+    assert open_image(jpeg)[0].shape == (3, 256, 192)
     image, stored_size = open_image(jpeg, decode_size=40)
-    assert stored_size == (192, 256) and image.size == (48, 64)  # 1/4 scale: the largest that stays >= 40
-    assert open_image(encoded("red", size=(100, 100)), decode_size=10)[0].size == (100, 100)  # PNG: no draft
+    assert stored_size == (192, 256) and image.shape == (3, 64, 48)  # 1/4 scale: the largest that stays >= 40
+    assert open_image(jpeg, decode_size=100)[0].shape == (3, 256, 192)  # 1/2 would be < 100 a side: no draft
+    assert open_image(encoded("red", size=(100, 100)), decode_size=10)[0].shape == (3, 100, 100)  # PNG: no draft
 
     with ShardWriter(tmp_path) as writer:
         target = {"image_id": 1, "boxes": [[64, 32, 96, 128]], "category_ids": [2], "iscrowd": [0]}
