@@ -7,11 +7,19 @@ Writing:   sources (read_idx, read_image_folder, read_manifest) -> write_labelle
 Reading:   expand_shards / expand_sources ("a::b" mixes sources), count_samples -> ShardStream (kind "labelled",
            "image-text" or "detection"; evaluation, finite epochs or resampled) -> make_loader; SkipGuard
            transforms per objective: mae_train_transform, eval_transform, clip_*_transform, detection_*_transform
-Offline:   ensure_embedded_shards (3000 Fashion-MNIST images shipped with the package)
+Offline:   ensure_embedded_shards (3000 Fashion-MNIST images shipped with the package), ensure_embedded_pair_shards
+           (the same with captions written from the labels, data.captions)
 """
 
 from .detection import CocoImage, CocoSource, coco_ground_truth, decode_detection, read_coco, write_detection_shards
-from .embedded import EMBEDDED_DIR, FASHION_MNIST_CLASSES, ensure_embedded_shards, read_embedded
+from .captions import caption_for, captioned_pairs
+from .embedded import (
+    EMBEDDED_DIR,
+    FASHION_MNIST_CLASSES,
+    ensure_embedded_pair_shards,
+    ensure_embedded_shards,
+    read_embedded,
+)
 from .errors import DataError
 from .guard import SkipGuard
 from .images import ImageOptions
@@ -66,6 +74,9 @@ __all__ = [
     "decode_pair",
     "detection_eval_transform",
     "detection_train_transform",
+    "caption_for",
+    "captioned_pairs",
+    "ensure_embedded_pair_shards",
     "ensure_embedded_shards",
     "eval_transform",
     "expand_shards",

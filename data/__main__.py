@@ -7,6 +7,7 @@
     python -m data pairs --manifest captions.csv --out shards/ --workers 4      (columns path,caption)
     python -m data pairs --folder img2dataset_out/ --out shards/ --resize-shorter 256
     python -m data coco --annotations instances_val2017.json --images val2017/ --out shards/
+    python -m data captions --shards shards/fmnist/train --out shards/fmnist_pairs  (labelled -> image-text)
 
 With --val-fraction 0 (the default) all samples go to OUT/train-NNNNNN.tar; otherwise to OUT/train/ and OUT/val/.
 Images are stored as they are unless --resize-shorter or --jpeg-quality asks for a JPEG re-encoding.
@@ -17,11 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .captions import captioned_pairs, read_class_names
 from .detection import read_coco, write_detection_shards
 from .embedded import read_embedded
 from .errors import DataError
 from .images import ImageOptions
 from .pairs import read_pair_folder, read_pair_manifest, write_pair_shards
+from .shards import expand_shards
 from .sources import read_idx, read_image_folder, read_manifest
 from .writer import write_labelled_shards, write_split
 
@@ -59,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     pairs_input = pairs.add_mutually_exclusive_group(required=True)
     pairs_input.add_argument("--manifest", help="CSV, TSV or JSONL with columns path,caption (or image,text)")
     pairs_input.add_argument("--folder", help="img2dataset-style folder: 0000.jpg + 0000.txt, in sub-folders too")
+    captions = commands.add_parser("captions", parents=[common],
+                                   help="image-text pairs from labelled shards, captions written from class names")
+    captions.add_argument("--shards", required=True, help="labelled shards (with their stats.json)")
     coco = commands.add_parser("coco", parents=[common], help="COCO-format detection annotations + images")
     coco.add_argument("--annotations", required=True, help="COCO annotation JSON (images, annotations, categories)")
     coco.add_argument("--images", required=True, help="folder the images' file_name entries are relative to")
@@ -83,6 +89,10 @@ def _write(args, options: dict) -> list[tuple[str, dict]]:
     split = dict(val_fraction=args.val_fraction, seed=args.seed)
     if args.command == "pairs":
         pairs = read_pair_manifest(args.manifest) if args.manifest else read_pair_folder(args.folder)
+        stats = write_pair_shards(pairs, args.out, **split, **options)
+    elif args.command == "captions":
+        shards = expand_shards(args.shards)
+        pairs = captioned_pairs(shards, read_class_names(shards), seed=args.seed)
         stats = write_pair_shards(pairs, args.out, **split, **options)
     elif args.command == "coco":
         categories, images = read_coco(args.annotations, args.images)

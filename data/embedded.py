@@ -67,3 +67,23 @@ def ensure_embedded_shards(cache_dir, val_fraction: float = 0.1, seed: int = 0,
             write_split(samples, cache_dir, class_names, val_fraction, seed, shard_size=shard_size,
                         progress=False, metadata={"split": split})
     return str(train_dir), str(val_dir)
+
+
+def ensure_embedded_pair_shards(cache_dir, seed: int = 0) -> tuple[str, str]:
+    """The embedded training images as image-text shards (`cache_dir/pairs/`, captions written from their labels
+    by data.captions) and the labelled validation split (`cache_dir/val/`, for zero-shot evaluation); returns both
+    directories. Idempotent like `ensure_embedded_shards`."""
+    from .captions import captioned_pairs
+    from .pairs import write_pair_shards
+    from .shards import expand_shards
+
+    train_dir, val_dir = ensure_embedded_shards(cache_dir)
+    pairs_dir = Path(cache_dir) / "pairs"
+    made_from = {"captions_from": "embedded train split", "caption_seed": seed}
+    stats_file = pairs_dir / STATS_FILE
+    if not (stats_file.is_file() and json.loads(stats_file.read_text()).get("made_from") == made_from):
+        with _exclusive_lock(Path(cache_dir) / ".write.lock"):
+            if not (stats_file.is_file() and json.loads(stats_file.read_text()).get("made_from") == made_from):
+                pairs = captioned_pairs(expand_shards(train_dir), FASHION_MNIST_CLASSES, seed=seed)
+                write_pair_shards(pairs, pairs_dir, shard_size=500, progress=False, metadata={"made_from": made_from})
+    return str(pairs_dir), val_dir

@@ -40,6 +40,7 @@ class ImageTextPair:
     caption: str | None
     source: str
     caption_error: str = ""  # why the caption could not be read, if so
+    image_bytes: bytes | None = None  # the encoded image itself (then image_path only names its format)
 
 
 def read_pair_manifest(path) -> SizedIterable:
@@ -96,11 +97,12 @@ def _prepare_pair(pair: ImageTextPair, image_options: ImageOptions) -> Prepared:
     caption = (pair.caption or "").strip()
     if not caption:
         raise SampleSkipped("missing_caption", pair.caption_error or "empty caption")
-    try:
-        image_bytes = pair.image_path.read_bytes()
-        error = ""
-    except OSError as failure:
-        image_bytes, error = None, f"{failure.strerror or failure}"
+    image_bytes, error = pair.image_bytes, ""
+    if image_bytes is None:
+        try:
+            image_bytes = pair.image_path.read_bytes()
+        except OSError as failure:
+            error = f"{failure.strerror or failure}"
     image, ext = decode_checked(image_bytes, pair.image_path.suffix.lstrip("."), error)
     image_bytes, ext, _ = encode_for_shard(image, image_bytes, ext, image_options)
     return Prepared(pair.source, {"__key__": pair.key, ext: image_bytes, "txt": caption.encode("utf-8")},
