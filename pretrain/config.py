@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 class ConfigError(ValueError):
@@ -78,8 +78,9 @@ def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build(schema: type[T], raw: Any, prefix: str = "") -> T:
-    """Recursively turn a mapping into the dataclass `schema`, checking every key and type."""
+def build(schema: type[T], raw: Any, prefix: str = "", base: Any = None) -> T:
+    """Recursively turn a mapping into the dataclass `schema`, checking every key and type. Keys the mapping leaves
+    out take the class defaults, or those of `base` (an instance) when given."""
     where = prefix.rstrip(".") or "the config"
     if not isinstance(raw, dict):
         raise ConfigError(f"'{where}' must be a mapping, got {raw!r}")
@@ -90,7 +91,12 @@ def build(schema: type[T], raw: Any, prefix: str = "") -> T:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    values = {name: coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}
+    values = {}
+    for name in fields:
+        if name in raw:
+            values[name] = coerce(hints[name], raw[name], f"{prefix}{name}", base=_factory_default(fields[name]))
+    if base is not None:
+        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init} | values
     try:
         return schema(**values)
     except ConfigError:
@@ -99,12 +105,18 @@ def build(schema: type[T], raw: Any, prefix: str = "") -> T:
         raise ConfigError(f"'{where}': {err}") from None
 
 
-def coerce(annotation: Any, value: Any, key: str) -> Any:
-    """Check `value` against a type annotation, converting where the meaning is unambiguous (int -> float, '1e-3')."""
+def _factory_default(spec: dataclasses.Field) -> Any:
+    """The default a field's default_factory builds (e.g. CLIP's DataConfig with OpenAI statistics), or None."""
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else None
+
+
+def coerce(annotation: Any, value: Any, key: str, base: Any = None) -> Any:
+    """Check `value` against a type annotation, converting where the meaning is unambiguous (int -> float, '1e-3').
+    `base`: for a nested config section, the instance whose values stand for keys the section leaves out."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
-        return build(annotation, {} if value is None else value, prefix=f"{key}.")
+        return build(annotation, {} if value is None else value, prefix=f"{key}.", base=base)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -297,3 +309,44 @@ class MAEPretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     num_pictures: int = 8  # images in the reconstruction picture written at the end (0 = none)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLIP pretraining
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class CLIPModelConfig:
+    # an open_clip model config: a name (open_clip's own, e.g. "swin_base_patch4_window7_224", or this package's
+    # pretrain/models/open_clip_configs/*.json) or a path to a JSON file in open_clip's format
+    open_clip_config: str = "vitpretrain-tiny-32"
+    image_tower_checkpoint: Optional[str] = None  # an MAE run/checkpoint initialising a timm ViT image tower
+    grad_checkpointing: bool = False
+    # open_clip's ClipLoss: features gathered from every process, with gradients (gather_with_grad), each process
+    # scoring its own rows against all (local_loss); together the same loss as one process over the global batch
+    local_loss: bool = True
+    gather_with_grad: bool = True
+
+
+@dataclass
+class CLIPPretrainConfig:
+    objective: Literal["clip"] = "clip"
+    output_dir: str = "runs/clip_demo"
+    # image-text shards ("embedded": the bundled Fashion-MNIST images with captions made from their labels);
+    # open_clip's gentle crop and OpenAI's normalisation statistics
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.9, 1.0), mean=OPENAI_CLIP_MEAN,
+                                                                std=OPENAI_CLIP_STD))
+    model: CLIPModelConfig = field(default_factory=CLIPModelConfig)
+    # open_clip's AdamW settings (beta2 0.98, wd 0.2, absolute lr rather than the MAE scaling rule)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98),
+                                                                   warmup_epochs=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=128))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        # Accumulating gradients over micro-batches would score each micro-batch only against its own negatives:
+        # a different (weaker) objective than one large batch. open_clip's accum_freq caches features instead;
+        # here it is refused rather than silently changing the loss.
+        check(self.train.grad_accum_steps == 1,
+              "'train.grad_accum_steps' must be 1 for CLIP: accumulating micro-batches changes the contrastive "
+              "negatives; raise train.batch_size or the number of processes instead")
