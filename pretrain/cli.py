@@ -8,11 +8,12 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .config import ConfigError, MAEPretrainConfig, load_config, read_yaml, to_dict
+from .config import CLIPPretrainConfig, ConfigError, MAEPretrainConfig, load_config, read_yaml, to_dict
 
-# objective name -> (config schema, run function path); later objectives (CLIP) register here.
+# objective name -> (config schema, run function path)
 OBJECTIVES: dict[str, tuple[type, str]] = {
     "mae": (MAEPretrainConfig, "pretrain.train_mae:run_mae"),
+    "clip": (CLIPPretrainConfig, "pretrain.train_clip:run_clip"),
 }
 
 

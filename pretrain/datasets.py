@@ -6,21 +6,31 @@ from pathlib import Path
 
 import torch
 
-from data import STATS_FILE, DataError, ShardStream, ensure_embedded_shards, eval_transform, expand_shards
+from data import (
+    STATS_FILE,
+    DataError,
+    ShardStream,
+    ensure_embedded_pair_shards,
+    ensure_embedded_shards,
+    eval_transform,
+    expand_shards,
+)
 
 from .config import DataConfig
 
 EMBEDDED = "embedded"
 
 
-def resolve_shards(data: DataConfig, output_dir: Path, accelerator) -> tuple[str, str | None]:
-    """Shard specs for `data.train` / `data.val` ("embedded" writes the bundled data set once, main process first),
-    checked to name existing shards. Specs, not lists, so "a::b" sources keep their `data.weights`."""
+def resolve_shards(data: DataConfig, output_dir: Path, accelerator, captions: bool = False) -> tuple[str, str | None]:
+    """Shard specs for `data.train` / `data.val` ("embedded" writes the bundled data set once, main process first;
+    captions=True: its training images as image-text pairs), checked to name existing shards. Specs, not lists,
+    so "a::b" sources keep their `data.weights`."""
     embedded_train = embedded_val = None
     if EMBEDDED in (data.train, data.val):
         cache = Path(data.cache_dir) if data.cache_dir else Path(output_dir) / "data"
         with accelerator.main_process_first():
-            embedded_train, embedded_val = ensure_embedded_shards(cache)
+            ensure = ensure_embedded_pair_shards if captions else ensure_embedded_shards
+            embedded_train, embedded_val = ensure(cache)
     train = embedded_train if data.train == EMBEDDED else data.train
     val = embedded_val if data.val == EMBEDDED else data.val
     for spec in (train, val):

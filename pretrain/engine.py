@@ -240,6 +240,8 @@ class Trainer:
                 step_totals["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if hasattr(self.task, "after_optimizer_step"):  # e.g. CLIP clamps its temperature
+                self.task.after_optimizer_step(self.unwrapped_model)
             self.step += 1
             window.add_step(step_totals, sched.global_batch)
             progress.update(1)

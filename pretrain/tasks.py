@@ -1,6 +1,7 @@
 """Tasks: the thin layer between a model and the training loop. Each returns {"loss": ..., <scalars to log>}."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,3 +17,33 @@ class MAETask:
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         loss, _, _ = model(batch["image"], mask_ratio=self.mask_ratio)
         return {"loss": loss}
+
+
+class CLIPTask:
+    """Symmetric InfoNCE between the image and text embeddings of `batch` ({"image": [B, 3, H, W], "text":
+    [B, context]}) with open_clip's `ClipLoss`: the features of every process are gathered (with gradients), so
+    the negatives are the whole global batch. Logs the temperature and the in-batch retrieval accuracies of this
+    process's rows against the local batch."""
+
+    def __init__(self, local_loss: bool = True, gather_with_grad: bool = True, rank: int = 0, world_size: int = 1):
+        from open_clip import ClipLoss
+
+        self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True,
+                             rank=rank, world_size=world_size)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image_features, text_features, logit_scale = model(batch["image"], batch["text"])[:3]
+        loss = self.loss(image_features, text_features, logit_scale)
+        with torch.no_grad():
+            similarity = image_features @ text_features.T
+            targets = torch.arange(similarity.shape[0], device=similarity.device)
+            image_to_text = (similarity.argmax(dim=1) == targets).float().mean()
+            text_to_image = (similarity.argmax(dim=0) == targets).float().mean()
+        return {"loss": loss, "logit_scale": logit_scale.detach(), "image_to_text_acc": image_to_text,
+                "text_to_image_acc": text_to_image}
+
+    @staticmethod
+    def after_optimizer_step(model: nn.Module) -> None:
+        """CLIP's temperature: the learnable log scale stays in [0, ln 100], so logits are at most 100x cosines."""
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))

@@ -1,0 +1,180 @@
+"""CLIP models, built by open_clip from its JSON model configs: a timm image tower (ViT or Swin) and open_clip's
+text transformer and tokenizer. Nothing here re-implements CLIP; this file only
+
+- registers this package's model configs (`open_clip_configs/*.json`) and the timm towers they name that timm does
+  not ship (small ViTs shaped like our MAE encoders, so an MAE checkpoint can initialise the image tower);
+- builds a model by config name or JSON file, optionally with the image tower initialised from an MAE checkpoint;
+- exports a trained model as an open_clip folder (`open_clip_config.json` + `open_clip_model.safetensors`) and loads
+  our checkpoints, exports or any open_clip config with a local weights file back.
+
+A checkpoint's `model.safetensors` holds open_clip's own state dict, so after `import pretrain.models.clip` (which
+registers the configs and towers) it also loads with
+`open_clip.create_model_and_transforms(MODEL_CONFIG, pretrained="run/checkpoints/step_.../model.safetensors")`.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import open_clip
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+OPEN_CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "open_clip_configs"
+EXPORT_CONFIG_FILE = "open_clip_config.json"  # the names open_clip's "local-dir:" schema looks for
+EXPORT_WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ timm towers
+# timm only builds registered names (open_clip passes no img_size/patch_size through), so the small towers are
+# registered here, shaped exactly like the matching MAE encoders in pretrain.models (`timm_vit_kwargs`).
+
+@register_model
+def vitpretrain_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The encoder of `mae_vit_tiny_patch4`: 32x32 images, 4x4 patches, 192 wide, 6 blocks, 3 heads."""
+    if pretrained:
+        raise ValueError("vitpretrain_vit_tiny_patch4_32 has no published weights; load a checkpoint instead")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
+        kwargs.pop(key, None)
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, **kwargs)
+    model.pretrained_cfg = model.default_cfg = {"input_size": (3, 32, 32), "num_classes": 0}  # what timm attaches
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+_registered = False
+
+
+def register_open_clip_configs() -> None:
+    """Make this package's open_clip model configs known to open_clip (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
+        _registered = True
+
+
+def resolve_model_config(name_or_file: str) -> tuple[str, dict[str, Any]]:
+    """An open_clip config name (open_clip's own or this package's) or a JSON file -> (name, config dict).
+    A file is registered with open_clip under its stem."""
+    register_open_clip_configs()
+    path = Path(name_or_file)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ValueError(f"open_clip model config file not found: {path}")
+        open_clip.add_model_config(path)
+        name = path.stem
+    else:
+        name = name_or_file
+    config = open_clip.get_model_config(name)
+    if config is None:
+        known = ", ".join(sorted(p.stem for p in OPEN_CLIP_CONFIG_DIR.glob("*.json")))
+        raise ValueError(f"unknown open_clip model config {name_or_file!r}: give a JSON file, one of this "
+                         f"package's ({known}) or one of open_clip.list_models()")
+    return name, config
+
+
+def ensure_registered(name: str, config: dict[str, Any]) -> None:
+    """Register `config` under `name` unless open_clip already knows that name (a checkpoint carries its config,
+    so it loads in a process that never saw the JSON file)."""
+    register_open_clip_configs()
+    if open_clip.get_model_config(name) is None:
+        folder = Path(tempfile.mkdtemp(prefix="open_clip_config_"))
+        (folder / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder / f"{name}.json")
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def create_clip(name_or_file: str, image_tower_checkpoint: str | None = None) -> tuple[nn.Module, str, dict]:
+    """(open_clip CLIP model, config name, config dict); `image_tower_checkpoint`: an MAE run, checkpoint or
+    weights file whose encoder initialises the timm image tower (shapes must match; the tower's position
+    embeddings are resampled when the image size differs)."""
+    name, config = resolve_model_config(name_or_file)
+    model = open_clip.create_model(name, pretrained=None)
+    if image_tower_checkpoint is not None:
+        load_mae_into_image_tower(model, image_tower_checkpoint)
+    return model, name, config
+
+
+def load_mae_into_image_tower(model: nn.Module, checkpoint: str | Path) -> None:
+    from finetune.encoders import mae_from_checkpoint, vit_encoder  # (finetune builds on pretrain, not the reverse)
+
+    trunk = getattr(model.visual, "trunk", None)
+    if not isinstance(trunk, VisionTransformer):
+        raise ValueError(f"an MAE checkpoint can initialise a timm ViT image tower, not {type(model.visual).__name__}"
+                         f"/{type(trunk).__name__}")
+    encoder = vit_encoder(mae_from_checkpoint(checkpoint), image_size=trunk.patch_embed.img_size[0])
+    source, target = encoder.state_dict(), trunk.state_dict()
+    mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs tower {tuple(target[key].shape)}"
+                  for key, value in source.items() if key in target and target[key].shape != value.shape]
+    missing, unexpected = sorted(set(target) - set(source)), sorted(set(source) - set(target))
+    if mismatched or missing or unexpected:
+        raise ValueError(f"MAE checkpoint {checkpoint} does not fit the image tower: mismatched {mismatched}, "
+                         f"missing {missing}, unexpected {unexpected}")
+    trunk.load_state_dict(source)
+
+
+def export_open_clip(model: nn.Module, name: str, config: dict, out_dir: str | Path, image_size: int,
+                     mean, std) -> Path:
+    """Write `out_dir/open_clip_config.json` + `open_clip_model.safetensors`: loads with
+    `open_clip.create_model_and_transforms("local-dir:" + out_dir)`, no import of this package needed unless the
+    image tower is one of the timm towers registered above."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preprocess = {"size": image_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic",
+                  "resize_mode": "shortest"}
+    (out_dir / EXPORT_CONFIG_FILE).write_text(json.dumps({"model_name": name, "model_cfg": config,
+                                                          "preprocess_cfg": preprocess}, indent=2) + "\n")
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(out_dir / EXPORT_WEIGHTS_FILE))
+    return out_dir
+
+
+def load_clip(weights: str | Path, model_config: str | None = None) -> tuple[nn.Module, str]:
+    """(open_clip model in eval mode, config name) from one of
+
+    - our CLIP run directory, checkpoint directory or model.safetensors (the config is in its metadata);
+    - an `export_open_clip` folder;
+    - any open_clip model config (name or JSON file) plus a local weights file (`model_config` given).
+    """
+    from pretrain.checkpoint import load_model_file
+
+    weights = Path(weights)
+    if model_config is not None:
+        name, _ = resolve_model_config(model_config)
+        model = open_clip.create_model(name, pretrained=str(weights))
+        return model.eval(), name
+    if weights.is_dir() and (weights / EXPORT_CONFIG_FILE).is_file():
+        exported = json.loads((weights / EXPORT_CONFIG_FILE).read_text())
+        name = exported.get("model_name", "exported")
+        ensure_registered(name, exported["model_cfg"])
+        model = open_clip.create_model(name, pretrained=str(weights / EXPORT_WEIGHTS_FILE))
+        return model.eval(), name
+    from finetune.encoders import resolve_weights_file
+
+    weights_file = resolve_weights_file(weights)
+    state_dict, metadata = load_model_file(weights_file)
+    if metadata.get("objective") != "clip" or "model_config" not in metadata:
+        raise ValueError(f"{weights_file} is not a CLIP checkpoint of this project (metadata keys "
+                         f"{sorted(metadata)}); for other weights give the open_clip model config too")
+    name = metadata["model_name"]
+    ensure_registered(name, json.loads(metadata["model_config"]))
+    model = open_clip.create_model(name, pretrained=None)
+    model.load_state_dict(state_dict)
+    return model.eval(), name
+
+
+def tokenizer_for(name: str):
+    register_open_clip_configs()
+    return open_clip.get_tokenizer(name)
+
+
+__all__ = ["create_clip", "export_open_clip", "load_clip", "register_open_clip_configs", "resolve_model_config",
+           "tokenizer_for"]
