@@ -1,0 +1,225 @@
+"""CLIP: the contrastive loss, its 2-process equivalence, captions, checkpoints through open_clip, zero-shot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_helpers import write_tiny_clip_config
+from data import caption_for, captioned_pairs, expand_shards, write_pair_shards
+from data.captions import CAPTION_PHRASINGS, CLASS_NOUNS
+from pretrain.config import CLIPPretrainConfig, ConfigError, load_config
+from pretrain.models.clip import create_clip, load_clip, tokenizer_for
+from pretrain.tasks import CLIPTask
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """(model, config name, config JSON path) of a ~1M-parameter open_clip model on 16x16 images."""
+    config = write_tiny_clip_config(tmp_path_factory.mktemp("clip_config"))
+    torch.manual_seed(0)
+    model, name, _ = create_clip(str(config))
+    return model, name, config
+
+
+@pytest.fixture(scope="module")
+def tiny_pair_shards(tmp_path_factory, tiny_shards):
+    """The tiny labelled training shards as image-text pairs with generated captions."""
+    from data import FASHION_MNIST_CLASSES
+
+    out = tmp_path_factory.mktemp("pairs")
+    write_pair_shards(captioned_pairs(expand_shards(tiny_shards[0]), FASHION_MNIST_CLASSES), out, shard_size=32,
+                      progress=False)
+    return out
+
+
+def test_clip_loss_equals_symmetric_cross_entropy_by_hand(tiny_clip):
+    model, name, _ = tiny_clip
+    batch = {"image": torch.randn(6, 3, 16, 16), "text": tokenizer_for(name)([f"item {i}" for i in range(6)])}
+    outputs = CLIPTask()(model, batch)
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(batch["image"]), dim=-1)
+        text = F.normalize(model.encode_text(batch["text"]), dim=-1)
+        logits = model.logit_scale.exp() * image @ text.T
+        targets = torch.arange(6)
+        by_hand = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        accuracy = (logits.argmax(1) == targets).float().mean()
+    assert torch.allclose(outputs["loss"], by_hand, atol=1e-5)
+    assert torch.allclose(outputs["logit_scale"], model.logit_scale.exp())
+    assert torch.allclose(outputs["image_to_text_acc"], accuracy)
+    assert math.isclose(float(model.logit_scale.detach().exp()), 1 / 0.07, rel_tol=1e-4)  # CLIP's initial temperature
+
+
+def test_two_gloo_processes_compute_the_one_process_loss_and_gradients(tmp_path):
+    report = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / "distributed_clip_loss.py"), str(tmp_path), str(report)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(report.read_text())
+    assert figures["two_processes"] == pytest.approx(figures["alone"], abs=1e-5)
+    assert figures["local"] != pytest.approx(figures["alone"], abs=1e-3)  # each half alone differs: it gathered
+    assert figures["max_grad_difference"] < 1e-5
+
+
+def test_the_temperature_is_clamped_at_100_after_each_step(tiny_clip):
+    model, _, _ = tiny_clip
+    saved = model.logit_scale.detach().clone()
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    CLIPTask.after_optimizer_step(model)
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(100.0)
+    with torch.no_grad():
+        model.logit_scale.copy_(saved)
+
+
+def test_captions_are_varied_natural_and_never_use_the_prompt_phrasings():
+    rng = random.Random(0)
+    captions = [caption_for("Ankle boot", rng) for _ in range(200)]
+    assert len(set(captions)) > 40
+    assert all(any(noun in c.lower() for noun in CLASS_NOUNS["Ankle boot"]) for c in captions)
+    assert not any("photo" in c.lower() or "picture" in c.lower() for c in captions)
+    assert not any("a a" in c.lower() or " a ankle" in c.lower() or "a old" in c.lower() for c in captions)
+    openai_prompts = {t("ankle boot").lower() for t in open_clip.OPENAI_IMAGENET_TEMPLATES}
+    assert not openai_prompts & {c.lower() for c in captions}
+    assert caption_for("Zebra", random.Random(1)).lower().count("zebra") == 1  # unknown classes use their name
+    assert len(CAPTION_PHRASINGS) >= 10
+
+
+def test_captions_command_turns_labelled_shards_into_pairs(tiny_shards, tmp_path):
+    from data.__main__ import main
+
+    assert main(["captions", "--shards", str(tiny_shards[0]), "--out", str(tmp_path), "--no-progress"]) == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["samples"] == 64 and stats["kind"] == "image-text"
+    import webdataset as wds
+
+    first = next(iter(wds.WebDataset(expand_shards(tmp_path), shardshuffle=False)))
+    assert first["txt"].decode() and "png" in first
+
+
+def test_clip_config_refuses_gradient_accumulation_and_keeps_its_own_defaults(tmp_path):
+    with pytest.raises(ConfigError, match="grad_accum_steps.*contrastive negatives"):
+        load_config(CLIPPretrainConfig, None, ["train.grad_accum_steps=2"])
+    config = tmp_path / "clip.yaml"
+    config.write_text("objective: clip\ndata:\n  image_size: 32\noptim:\n  weight_decay: 0.1\n")
+    cfg = load_config(CLIPPretrainConfig, str(config), [])
+    # sections given in YAML keep the CLIP defaults of the keys they leave out
+    assert cfg.data.mean == open_clip.OPENAI_DATASET_MEAN and cfg.data.crop_scale == (0.9, 1.0)
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.weight_decay == 0.1 and cfg.optim.lr == 1e-3
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory, tiny_pair_shards, tiny_clip, single_thread):
+    """A 3-step CLIP run of the tiny model through `python -m pretrain`."""
+    from pretrain.cli import main
+
+    _, _, config = tiny_clip
+    out = tmp_path_factory.mktemp("clip_run") / "run"
+    code = main(["--config", str(REPO / "configs" / "clip_vit_tiny_demo.yaml"), f"output_dir={out}",
+                 f"model.open_clip_config={config}", f"data.train={tiny_pair_shards}", "data.image_size=16",
+                 "data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=16", "train.epochs=1",
+                 "train.stop_after_steps=3", "train.log_every=1", "train.mixed_precision=no",
+                 "logging.wandb=disabled", "logging.progress_bar=false"])
+    assert code == 0
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return out
+
+
+def test_clip_run_logs_the_contrastive_metrics(clip_run):
+    records = [json.loads(line) for line in (clip_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert record["loss"] > 0 and 0 < record["logit_scale"] <= 100
+        assert 0 <= record["image_to_text_acc"] <= 1 and 0 <= record["text_to_image_acc"] <= 1
+
+
+def test_checkpoint_and_export_reload_through_open_clip(clip_run, tiny_clip):
+    _, name, config = tiny_clip
+    ours, _ = load_clip(clip_run)
+    images, text = torch.randn(2, 3, 16, 16), tokenizer_for(name)(["a coat", "a bag"])
+    expected = ours.encode_image(images), ours.encode_text(text)
+
+    weights = next((clip_run / "checkpoints").iterdir()) / "model.safetensors"
+    open_clip.add_model_config(config)
+    plain, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(weights))
+    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_run / 'open_clip'}")
+    for model in (plain.eval(), exported.eval()):
+        assert torch.allclose(model.encode_image(images), expected[0], atol=1e-6)
+        assert torch.allclose(model.encode_text(text), expected[1], atol=1e-6)
+    exported_config = json.loads((clip_run / "open_clip" / "open_clip_config.json").read_text())
+    assert exported_config["preprocess_cfg"]["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
+
+
+def test_prompt_ensemble_is_the_renormalised_mean_of_normalised_prompt_embeddings(tiny_clip):
+    from finetune.zeroshot import build_classifier
+
+    model, name, _ = tiny_clip
+    tokenizer = tokenizer_for(name)
+    templates = ["a photo of a {}.", "a drawing of the {}.", "itap of my {}."]
+    names = ["coat", "bag", "sandal"]
+    classifier = build_classifier(model.eval(), tokenizer, names, templates, "cpu")
+    with torch.no_grad():
+        for column, class_name in enumerate(names):
+            prompts = F.normalize(model.encode_text(tokenizer([t.format(class_name) for t in templates])), dim=-1)
+            expected = F.normalize(prompts.mean(0), dim=0)
+            assert torch.allclose(classifier[:, column], expected, atol=1e-5)
+
+
+def test_zero_shot_writes_metrics_with_per_class_accuracy(clip_run, tiny_shards, tmp_path, single_thread):
+    from finetune.cli import main
+
+    templates = tmp_path / "templates.txt"
+    templates.write_text("# two prompts\na photo of a {}.\na blurry photo of the {}.\n")
+    out = tmp_path / "zeroshot"
+    code = main(["--config", str(REPO / "configs" / "zeroshot_clip_tiny_demo.yaml"), f"output_dir={out}",
+                 f"model.checkpoint={clip_run}", f"data.val={tiny_shards[1]}", "data.image_size=16",
+                 "data.num_workers=0", f"templates={templates}", "train.mixed_precision=no"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 16 and metrics["num_templates"] == 2 and metrics["num_classes"] == 10
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
+    assert sum(metrics["per_class_samples"].values()) == 16
+    weighted = sum(metrics["per_class_top1"][c] * n for c, n in metrics["per_class_samples"].items()) / 16
+    assert weighted == pytest.approx(metrics["top1"])
+
+
+def test_zero_shot_names_a_bad_template_file(tmp_path):
+    from finetune.zeroshot import prompt_templates
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo without a slot\n")
+    with pytest.raises(ConfigError, match="need '\\{\\}'"):
+        prompt_templates(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        prompt_templates(str(tmp_path / "missing.txt"))
+    assert len(prompt_templates("openai")) == 80 and prompt_templates("a {} in a box") == ["a {} in a box"]
+
+
+def test_an_mae_checkpoint_initialises_the_timm_image_tower(tmp_path):
+    from pretrain.checkpoint import save_checkpoint
+    from pretrain.models import create_model
+
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny_patch4")
+    metadata = {"objective": "mae", "model_name": "mae_vit_tiny_patch4", "model_config": json.dumps(mae.config)}
+    save_checkpoint(tmp_path / "checkpoints", 1, mae.state_dict(), {}, {}, model_metadata=metadata)
+    model, _, _ = create_clip("vitpretrain-tiny-32", image_tower_checkpoint=str(tmp_path))
+    trunk = model.visual.trunk.state_dict()
+    for key, value in mae.encoder_state_dict().items():
+        assert torch.equal(trunk[key], value), key
