@@ -209,3 +209,17 @@ def test_unknown_model_name_is_one_clear_line(tmp_path, capsys):
     assert main([f"output_dir={tmp_path / 'run'}", "model.name=mae_vit_tinny_patch4", "logging.wandb=disabled"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "'model.name' mae_vit_tinny_patch4" in err[0] and "mae_vit_tiny_patch4" in err[0]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_with_its_schema(path):
+    """configs/ stays true to the code: each file validates against the schema its objective or task names."""
+    from finetune.cli import TASKS
+    from pretrain.cli import OBJECTIVES
+
+    raw = yaml.safe_load(path.read_text())
+    table, key = (TASKS, "task") if "task" in raw else (OBJECTIVES, "objective")
+    schema, _ = table[raw[key]]
+    cfg = load_config(schema, str(path), [])
+    assert getattr(cfg, key) == raw[key]

@@ -1,0 +1,106 @@
+"""Zero-shot quality of a small CLIP trained on CPU: Fashion-MNIST images with captions written from their labels,
+evaluated on held-out images with a prompt ensemble (the CLIP paper's 80 templates, none of them a caption
+phrasing) against single prompt templates.
+
+    python benchmarks/clip_zeroshot.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench_clip/zeroshot.json
+
+Steps (each skipped when its output already exists, so an interrupted benchmark continues):
+1. `python -m data idx` writes 54,000 training / 6,000 held-out validation images as labelled shards (the split of
+   benchmarks/linear_probe.py: the same --work-dir reuses them).
+2. `python -m data captions` turns the training shards into image-text shards (data/captions.py).
+3. `python -m pretrain` trains CLIP (configs/clip_vit_tiny_fmnist.yaml) on the pairs.
+4. `python -m finetune` evaluates zero-shot on the validation shards, once per prompt set; the table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data.__main__ import main as data_main  # noqa: E402
+from finetune.cli import main as finetune_main  # noqa: E402
+from pretrain.cli import main as pretrain_main  # noqa: E402
+
+FASHION_CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot"
+
+# prompt set name -> `templates` setting of the zero-shot config
+PROMPT_SETS = {
+    "ensemble: 80 OpenAI templates": "openai",
+    "ensemble: 7 open_clip 'simple' templates": "simple",
+    "single template 'a photo of a {}.'": "a photo of a {}.",
+    "single template '{}'": "{}",
+}
+
+
+def run(step: str, main, argv: list[str]) -> float:
+    print(f"\n== {step}: {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    status = main(argv)
+    if status:
+        raise SystemExit(f"{step} failed with exit status {status}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fashion-mnist", default=str(REPO.parent / "shared/datasets/fashion-mnist"),
+                        help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz")
+    parser.add_argument("--work-dir", default="runs/bench_fmnist")
+    parser.add_argument("--epochs", type=int, default=None, help="override the CLIP config's epochs")
+    parser.add_argument("--json", help="also write the figures as JSON to this path")
+    args = parser.parse_args()
+
+    work = Path(args.work_dir)
+    shards, pairs, clip_dir = work / "shards", work / "clip_pairs", work / "clip"
+    seconds: dict[str, float] = {}
+    if not (shards / "val" / "stats.json").is_file():
+        src = Path(args.fashion_mnist)
+        seconds["labelled shards"] = run("shards", data_main, [
+            "idx", "--images", str(src / "train-images-idx3-ubyte.gz"), "--labels", str(src / "train-labels-idx1-ubyte.gz"),
+            "--out", str(shards), "--val-fraction", "0.1", "--seed", "0", "--shard-size", "5000", "--no-progress",
+            "--classes", FASHION_CLASSES,
+        ])
+    if not (pairs / "stats.json").is_file():
+        seconds["caption shards"] = run("captions", data_main, [
+            "captions", "--shards", str(shards / "train"), "--out", str(pairs), "--shard-size", "5000", "--no-progress"])
+    pretrain_argv = ["--config", str(REPO / "configs/clip_vit_tiny_fmnist.yaml"), f"output_dir={clip_dir}",
+                     f"data.train={pairs}"]
+    if args.epochs:
+        pretrain_argv.append(f"train.epochs={args.epochs}")
+    if not (clip_dir / "open_clip" / "open_clip_model.safetensors").is_file():
+        seconds["CLIP pretraining"] = run("pretrain", pretrain_main, pretrain_argv)
+
+    rows = []
+    for name, templates in PROMPT_SETS.items():
+        out = work / ("zeroshot_" + "".join(c if c.isalnum() else "_" for c in templates)[:30])
+        argv = ["--config", str(REPO / "configs/zeroshot_clip_tiny_demo.yaml"), f"output_dir={out}",
+                "train.overwrite=true", f"model.checkpoint={clip_dir}", f"data.val={shards / 'val'}",
+                f"templates={templates}"]
+        seconds[f"zero-shot: {name}"] = run(f"zero-shot {name}", finetune_main, argv)
+        metrics = json.loads((out / "metrics.json").read_text())
+        rows.append({"prompts": name, "templates": metrics["num_templates"], "top1": metrics["top1"],
+                     "top5": metrics["top5"], "val_images": metrics["num_samples"],
+                     "per_class_top1": metrics["per_class_top1"]})
+
+    log = [json.loads(line) for line in (clip_dir / "log.jsonl").read_text().splitlines()]
+    print(f"\nCLIP: {log[-1]['step']} steps, final loss {log[-1]['loss']:.3f}, logit scale {log[-1]['logit_scale']:.1f}, "
+          f"in-batch image->text accuracy {log[-1]['image_to_text_acc']:.3f}\n")
+    print("| prompts | templates | top-1 (%) | top-5 (%) |\n|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['prompts']} | {row['templates']} | {row['top1']:.2f} | {row['top5']:.2f} |")
+    best = rows[0]["per_class_top1"]
+    print("\nper class (80-template ensemble): " + ", ".join(f"{c} {a:.0f}" for c, a in best.items()))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rows": rows, "clip_final_log": log[-1], "seconds": seconds}, indent=2) + "\n")
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
