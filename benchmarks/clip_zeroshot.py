@@ -73,6 +73,9 @@ def main() -> None:
     if args.epochs:
         pretrain_argv.append(f"train.epochs={args.epochs}")
     if not (clip_dir / "open_clip" / "open_clip_model.safetensors").is_file():
+        # an interrupted run continues from its latest checkpoint; one that wrote none starts over
+        started = (clip_dir / "checkpoints").is_dir() and any((clip_dir / "checkpoints").glob("step_*"))
+        pretrain_argv.append("train.resume=latest" if started else "train.overwrite=true")
         seconds["CLIP pretraining"] = run("pretrain", pretrain_main, pretrain_argv)
 
     rows = []
