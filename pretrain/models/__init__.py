@@ -12,6 +12,8 @@ import torch.nn as nn
 
 from .mae import MaskedAutoencoderViT, load_official_mae_checkpoint
 from .pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d
+from .simmim import SimMIMSwin
+from .swin_mae import UniformMaskedAutoencoderSwin
 
 # Architectures as data. base/large/huge are the official MAE configurations (decoder 512-d, 8 blocks, 16 heads).
 _MAE_ARCHITECTURES: dict[str, dict] = {
@@ -38,9 +40,31 @@ _MAE_ARCHITECTURES: dict[str, dict] = {
     ),
 }  # fmt: skip
 
+# MAE over Swin (pretrain/models/swin_mae.py, simmim.py). Swin-T / Swin-B are the encoders of timm's
+# swin_{tiny,base}_patch4_window7_224; UM-MAE's decoder is the paper's (512-d, 2 blocks); SimMIM masks 60% of
+# 32-px patches.
+_SWIN_CPU = dict(img_size=32, patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12), window_size=4)
+_SWIN_T = dict(patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
+_SWIN_B = dict(patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7)
+_UMMAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16)
+_SWIN_MAE_ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
+    # CPU demo on 32x32 images: 64 mask patches of 4x4 (2x2 Swin tokens each), 16 kept; ~2 M parameters.
+    "ummae_swin_tiny_cpu": (UniformMaskedAutoencoderSwin, dict(
+        _SWIN_CPU, mask_patch_size=4, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)),
+    "ummae_swin_t_patch4": (UniformMaskedAutoencoderSwin, dict(_SWIN_T, mask_patch_size=16, **_UMMAE_DECODER)),
+    "ummae_swin_b_patch4": (UniformMaskedAutoencoderSwin, dict(_SWIN_B, mask_patch_size=16, **_UMMAE_DECODER)),
+    # CPU demo: 16 mask patches of 8x8 (the last stage's stride, as SimMIM's 32 px for Swin), 60% masked.
+    "simmim_swin_tiny_cpu": (SimMIMSwin, dict(_SWIN_CPU, mask_patch_size=8)),
+    "simmim_swin_t_patch4": (SimMIMSwin, dict(_SWIN_T, mask_patch_size=32)),
+    "simmim_swin_b_patch4": (SimMIMSwin, dict(_SWIN_B, mask_patch_size=32)),
+}  # fmt: skip
+
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
     name: partial(MaskedAutoencoderViT, **architecture) for name, architecture in _MAE_ARCHITECTURES.items()
 }
+MODEL_REGISTRY.update(
+    {name: partial(model_class, **arch) for name, (model_class, arch) in _SWIN_MAE_ARCHITECTURES.items()}
+)
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -64,6 +88,8 @@ def list_models() -> list[str]:
 __all__ = [
     "MODEL_REGISTRY",
     "MaskedAutoencoderViT",
+    "SimMIMSwin",
+    "UniformMaskedAutoencoderSwin",
     "create_model",
     "list_models",
     "load_official_mae_checkpoint",
