@@ -265,6 +265,10 @@ class TrainConfig:
     resume: Optional[str] = None  # "latest" or a checkpoint directory
     overwrite: bool = False  # a fresh run into an output_dir holding an earlier run's checkpoints/log replaces them
     stop_after_steps: Optional[int] = None  # end early (the schedule still spans all epochs): smoke runs, time limits
+    # torch.compile (inductor) the model for training. The first step compiles (ViT-B on 2 CPU cores: ~2 min) and
+    # on CPU it gained nothing measurable (docs/benchmarks.md); measure it on a GPU with benchmarks/mae_speed.py.
+    # Checkpoints and pictures use the eager module either way.
+    compile: bool = False
 
     def __post_init__(self):
         check(self.epochs >= 1, f"'train.epochs' must be >= 1, got {self.epochs}")

@@ -6,6 +6,11 @@ patches. A light decoder gets the encoded visible patches plus a shared, learned
 position, and predicts the pixels of every patch. The loss is the mean squared error on the dropped patches only,
 against per-patch normalised pixels (``norm_pix_loss``).
 
+``encoder_mask_tokens=True`` is the paper's ablation (Table 1c, "encoder w/ [M]"): the encoder runs over the full
+grid with a learned mask token in place of every dropped patch, and the decoder needs no unshuffling. The encoder
+then sees 4x the tokens (a training step: 2.4x the FLOPs for ViT-B, 3.2x for ViT-L) for worse features; it exists
+to measure what skipping the mask tokens saves (benchmarks/mae_speed.py).
+
 Parameter names and shapes match the official release (facebookresearch/mae ``models_mae.py``), and the encoder
 weights load into timm's ``VisionTransformer`` (see ``encoder_state_dict`` and ``timm_vit_kwargs``).
 """
@@ -45,6 +50,7 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
         mask_ratio: float = 0.75,
+        encoder_mask_tokens: bool = False,
     ) -> None:
         super().__init__()
         # Recorded so a checkpoint can rebuild the model: MaskedAutoencoderViT(**model.config).
@@ -52,13 +58,14 @@ class MaskedAutoencoderViT(nn.Module):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_pix_loss=norm_pix_loss,
-            mask_ratio=mask_ratio,
+            mask_ratio=mask_ratio, encoder_mask_tokens=encoder_mask_tokens,
         )  # fmt: skip
         _check_mask_ratio(mask_ratio)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
+        self.encoder_mask_tokens = encoder_mask_tokens
         self.grad_checkpointing = False
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
@@ -72,6 +79,8 @@ class MaskedAutoencoderViT(nn.Module):
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
+        if encoder_mask_tokens:  # the ablation only: the default model has no such parameter, as in the release
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
         # --- Decoder: narrower ViT over all positions, used only for pretraining ---
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
@@ -102,6 +111,8 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(patch_proj.view(patch_proj.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.encoder_mask_tokens:
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
         self.apply(_init_linear_and_layernorm)
 
     # --- Patches <-> images ---
@@ -164,10 +175,16 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs: [N, C, H, W] -> latent: [N, 1 + L_keep, D] (cls token first), mask: [N, L], ids_restore: [N, L]."""
+        """imgs: [N, C, H, W] -> latent: [N, 1 + L_keep, D] (cls token first; [N, 1 + L, D] with
+        ``encoder_mask_tokens``), mask: [N, L], ids_restore: [N, L]."""
         x = self.patch_embed(imgs)  # [N, L, D]
-        x = x + self.pos_embed[:, 1:, :]  # position is added before masking, so kept patches keep their place
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        if self.encoder_mask_tokens:  # ablation: every position stays, a dropped patch becomes the mask token
+            _, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+            x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
+            x = x + self.pos_embed[:, 1:, :]
+        else:
+            x = x + self.pos_embed[:, 1:, :]  # position is added before masking, so kept patches keep their place
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -175,13 +192,15 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent: [N, 1 + L_keep, D], ids_restore: [N, L] -> pred: [N, L, p*p*C] pixels of every patch."""
+        """latent: [N, 1 + L_keep, D] ([N, 1 + L, D] with ``encoder_mask_tokens``), ids_restore: [N, L]
+        -> pred: [N, L, p*p*C] pixels of every patch."""
         x = self.decoder_embed(latent)  # [N, 1 + L_keep, D_dec]
-        n, length = ids_restore.shape
-        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
-        x_patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # shuffled order, cls token left out
-        x_patches = torch.gather(x_patches, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_patches], dim=1)  # [N, 1 + L, D_dec], original patch order
+        if not self.encoder_mask_tokens:  # (with them, the latent is already the full grid in patch order)
+            n, length = ids_restore.shape
+            mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+            x_patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # shuffled order, cls token left out
+            x_patches = torch.gather(x_patches, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+            x = torch.cat([x[:, :1, :], x_patches], dim=1)  # [N, 1 + L, D_dec], original patch order
         x = x + self.decoder_pos_embed
 
         x = self._run_blocks(self.decoder_blocks, x)
@@ -239,7 +258,8 @@ class MaskedAutoencoderViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameters to exclude from weight decay (tokens and position embeddings)."""
-        return {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
+        tokens = {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
+        return tokens | {"encoder_mask_token"} if self.encoder_mask_tokens else tokens
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
