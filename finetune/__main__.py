@@ -1,4 +1,5 @@
-"""`python -m finetune --config FILE [key=value ...]`: evaluate a pretrained encoder (linear probe)."""
+"""`python -m finetune --config FILE [key=value ...]`: evaluate or adapt a pretrained encoder (linear probe,
+zero-shot, finetune, distillation)."""
 from __future__ import annotations
 
 import sys

@@ -39,8 +39,10 @@ def vitpretrain_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> Vision
         raise ValueError("vitpretrain_vit_tiny_patch4_32 has no published weights; load a checkpoint instead")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
         kwargs.pop(key, None)
-    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, **kwargs)
-    model.pretrained_cfg = model.default_cfg = {"input_size": (3, 32, 32), "num_classes": 0}  # what timm attaches
+    kwargs.setdefault("img_size", 32)  # (another size when a finetune rebuilds the tower at its resolution)
+    model = VisionTransformer(patch_size=4, embed_dim=192, depth=6, num_heads=3, **kwargs)
+    size = kwargs["img_size"]
+    model.pretrained_cfg = model.default_cfg = {"input_size": (3, size, size), "num_classes": 0}  # as timm attaches
     return model
 
 

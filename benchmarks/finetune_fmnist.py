@@ -1,0 +1,151 @@
+"""Full finetuning and DeiT distillation on Fashion-MNIST (54k train / 6k held-out val), on CPU.
+
+(a) Does MAE pretraining help finetuning? The tiny ViT finetuned from the MAE checkpoint vs the same ViT trained
+    from scratch with the same budget (same recipe, epochs and batch; the scratch run has no layer-wise lr decay,
+    which only makes sense for pretrained layers).
+(b) DeiT: the finetuned MAE ViT of (a) is the teacher; a smaller ViT (4 blocks, 128-d) is trained from scratch with
+    no distillation, soft distillation and hard distillation (the last two with a distillation token), same budget.
+
+    python benchmarks/finetune_fmnist.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench_fmnist/finetune.json
+    python benchmarks/finetune_fmnist.py --smoke        # minutes: the bundled 3k images, a few steps per run
+
+Steps (each skipped when its output exists; an interrupted run resumes from its latest checkpoint):
+1. `python -m data idx` writes the 54,000 / 6,000 split as shards (as benchmarks/linear_probe.py; reused).
+2. `python -m pretrain` trains MAE (configs/mae_vit_tiny_fmnist.yaml; runs/bench_fmnist/mae is reused).
+3. `python -m finetune` finetunes (configs/finetune_mae_tiny_fmnist.yaml) from MAE and from scratch.
+4. `python -m finetune` trains the students (configs/distill_vit_tiny_fmnist.yaml, distillation.kind=none/soft/hard).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data.__main__ import main as data_main  # noqa: E402
+from finetune.cli import main as finetune_main  # noqa: E402
+from pretrain.cli import main as pretrain_main  # noqa: E402
+
+FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
+DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
+# --smoke: every run a few steps on the bundled images (2,700 train / 300 val), no worker processes
+SMOKE = ["data.samples_per_epoch=256", "train.batch_size=32", "data.num_workers=0", "data.shuffle_buffer=64",
+         "train.log_every=4", "logging.progress_bar=false", "logging.wandb=disabled"]
+
+
+def run(step: str, main, argv: list[str]) -> float:
+    print(f"\n== {step}: {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    status = main(argv)
+    if status:
+        raise SystemExit(f"{step} failed with exit status {status}")
+    return time.perf_counter() - start
+
+
+def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: int, seconds: dict) -> dict:
+    """Run (or resume, or skip) one `python -m finetune` run into `out`; its metrics.json."""
+    metrics_file = out / "metrics.json"
+    if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs:
+        print(f"\n== {step}: done earlier ({metrics_file})")
+    else:
+        restart = "train.resume=latest" if (out / "checkpoints").is_dir() else "train.overwrite=true"
+        argv = ["--config", str(config), f"output_dir={out}", f"train.epochs={epochs}", restart, *overrides]
+        seconds[step] = run(step, finetune_main, argv)
+    return json.loads(metrics_file.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fashion-mnist", default=str(REPO.parent / "shared/datasets/fashion-mnist"),
+                        help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz")
+    parser.add_argument("--work-dir", default=None, help="default: runs/bench_fmnist (--smoke: runs/bench_finetune_smoke)")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="override the finetuning config's epochs")
+    parser.add_argument("--distill-epochs", type=int, default=None, help="override the distillation config's epochs")
+    parser.add_argument("--smoke", action="store_true", help="tiny: bundled images, 1 epoch of 256 images per run")
+    parser.add_argument("--json", help="also write the figures as JSON to this path")
+    args = parser.parse_args()
+
+    work = Path(args.work_dir or ("runs/bench_finetune_smoke" if args.smoke else "runs/bench_fmnist"))
+    shards = work / "shards"
+    seconds: dict[str, float] = {}
+    if args.smoke:
+        from data import ensure_embedded_shards
+
+        ensure_embedded_shards(shards)
+    elif not (shards / "val" / "stats.json").is_file():
+        src = Path(args.fashion_mnist)
+        seconds["write shards"] = run("shards", data_main, [
+            "idx", "--images", str(src / "train-images-idx3-ubyte.gz"), "--labels", str(src / "train-labels-idx1-ubyte.gz"),
+            "--out", str(shards), "--val-fraction", "0.1", "--seed", "0", "--shard-size", "5000", "--no-progress",
+            "--classes", "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot",
+        ])
+    common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *(SMOKE if args.smoke else [])]
+
+    mae_dir = work / "mae"
+    if not (mae_dir / "reconstructions.png").is_file():
+        argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *common,
+                "train.overwrite=true", *(["train.epochs=1", "num_pictures=2"] if args.smoke else [])]
+        seconds["MAE pretraining"] = run("pretrain", pretrain_main, argv)
+
+    def epochs_of(config: Path, override: int | None) -> int:
+        return 1 if args.smoke else override or yaml.safe_load(config.read_text())["train"]["epochs"]
+
+    # (a) MAE -> finetune vs the same ViT from scratch, same budget
+    finetune_epochs = epochs_of(FINETUNE_CONFIG, args.finetune_epochs)
+    teacher_dir = work / "finetune_mae"
+    runs_a = {
+        "MAE pretrained": finetune("finetune from MAE", FINETUNE_CONFIG, teacher_dir,
+                                   [*common, f"encoder.checkpoint={mae_dir}"], finetune_epochs, seconds),
+        "from scratch": finetune("train from scratch", FINETUNE_CONFIG, work / "finetune_scratch",
+                                 [*common, "encoder.checkpoint=null", "layer_decay=null"], finetune_epochs, seconds),
+    }
+    # (b) DeiT: the finetuned MAE ViT teaches a smaller ViT trained from scratch
+    distill_epochs = epochs_of(DISTILL_CONFIG, args.distill_epochs)
+    runs_b = {
+        kind: finetune(f"student, distillation {kind}", DISTILL_CONFIG, work / f"distill_{kind}",
+                       [*common, f"distillation.kind={kind}", f"distillation.teacher={teacher_dir}"], distill_epochs, seconds)
+        for kind in ("none", "soft", "hard")
+    }
+
+    teacher = runs_a["MAE pretrained"]
+    result = {
+        "benchmark": "finetuning and DeiT distillation on Fashion-MNIST (54k train / 6k held-out val)"
+                     + (" [SMOKE: bundled 2.7k/300 images, 256 images per run]" if args.smoke else ""),
+        "finetune": {"config": str(FINETUNE_CONFIG.relative_to(REPO)), "epochs": finetune_epochs,
+                     "runs": {name: summary(m) for name, m in runs_a.items()}},
+        "distillation": {"config": str(DISTILL_CONFIG.relative_to(REPO)), "epochs": distill_epochs,
+                         "teacher": {"run": str(teacher_dir), "best_top1": teacher["best_top1"]},
+                         "runs": {kind: summary(m) for kind, m in runs_b.items()}},
+        "seconds": seconds,
+    }
+    print(f"\n(a) finetuning, {finetune_epochs} epoch(s), {teacher['num_train']} training images, "
+          f"{teacher['num_samples']} validation images\n")
+    print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")
+    for name, m in runs_a.items():
+        print(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['best_top1']:.2f} ({m['best_epoch']}) |")
+    print(f"\n(b) DeiT distillation, {distill_epochs} epoch(s); teacher: the finetuned MAE ViT, best top-1 "
+          f"{teacher['best_top1']:.2f}%\n")
+    print("| student distillation | top-1 (%) | top-5 (%) | class head top-1 (%) | distillation head top-1 (%) |"
+          "\n|---|---|---|---|---|")
+    for kind, m in runs_b.items():
+        heads = (f"{m['cls_top1']:.2f} | {m['dist_top1']:.2f}" if "cls_top1" in m else "- | -")
+        print(f"| {kind} | {m['top1']:.2f} | {m['top5']:.2f} | {heads} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def summary(metrics: dict) -> dict:
+    keys = ("top1", "top5", "best_top1", "best_epoch", "cls_top1", "dist_top1", "steps", "model", "classifier")
+    return {k: metrics[k] for k in keys if k in metrics} | {"history": [
+        {k: h[k] for k in ("epoch", "top1", "train_loss") if k in h} for h in metrics["history"]]}
+
+
+if __name__ == "__main__":
+    main()
