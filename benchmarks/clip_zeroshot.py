@@ -83,7 +83,7 @@ def main() -> None:
         out = work / ("zeroshot_" + "".join(c if c.isalnum() else "_" for c in templates)[:30])
         argv = ["--config", str(REPO / "configs/zeroshot_clip_tiny_demo.yaml"), f"output_dir={out}",
                 "train.overwrite=true", f"model.checkpoint={clip_dir}", f"data.val={shards / 'val'}",
-                f"templates={templates}"]
+                f"templates={json.dumps(templates)}"]  # quoted: a bare {} would read as an empty YAML mapping
         seconds[f"zero-shot: {name}"] = run(f"zero-shot {name}", finetune_main, argv)
         metrics = json.loads((out / "metrics.json").read_text())
         rows.append({"prompts": name, "templates": metrics["num_templates"], "top1": metrics["top1"],
