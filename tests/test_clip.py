@@ -223,3 +223,20 @@ def test_an_mae_checkpoint_initialises_the_timm_image_tower(tmp_path):
     trunk = model.visual.trunk.state_dict()
     for key, value in mae.encoder_state_dict().items():
         assert torch.equal(trunk[key], value), key
+
+
+def test_zero_shot_takes_any_open_clip_config_with_a_local_weights_file(clip_run, tiny_clip, tiny_shards, tmp_path,
+                                                                       single_thread):
+    """The path for weights of other origins: an open_clip model config plus a plain weights file."""
+    from finetune.cli import main
+
+    _, _, config = tiny_clip
+    weights = next((clip_run / "checkpoints").iterdir()) / "model.safetensors"
+    out = tmp_path / "zeroshot"
+    code = main(["--config", str(REPO / "configs" / "zeroshot_clip_tiny_demo.yaml"), f"output_dir={out}",
+                 f"model.checkpoint={weights}", f"model.open_clip_config={config}", f"data.val={tiny_shards[1]}",
+                 "data.image_size=16", "data.num_workers=0", "templates=simple", "train.mixed_precision=no"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["open_clip_config"] == config.stem and metrics["num_templates"] == 7
+    assert metrics["num_samples"] == 16
