@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ from data.__main__ import main as data_main  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
-FASHION_CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot"
+from fmnist_steps import run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 # prompt set name -> `templates` setting of the zero-shot config
 PROMPT_SETS = {
@@ -35,15 +34,6 @@ PROMPT_SETS = {
     "single template 'a photo of a {}.'": "a photo of a {}.",
     "single template '{}'": "{}",
 }
-
-
-def run(step: str, main, argv: list[str]) -> float:
-    print(f"\n== {step}: {' '.join(argv)}", flush=True)
-    start = time.perf_counter()
-    status = main(argv)
-    if status:
-        raise SystemExit(f"{step} failed with exit status {status}")
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -58,13 +48,7 @@ def main() -> None:
     work = Path(args.work_dir)
     shards, pairs, clip_dir = work / "shards", work / "clip_pairs", work / "clip"
     seconds: dict[str, float] = {}
-    if not (shards / "val" / "stats.json").is_file():
-        src = Path(args.fashion_mnist)
-        seconds["labelled shards"] = run("shards", data_main, [
-            "idx", "--images", str(src / "train-images-idx3-ubyte.gz"), "--labels", str(src / "train-labels-idx1-ubyte.gz"),
-            "--out", str(shards), "--val-fraction", "0.1", "--seed", "0", "--shard-size", "5000", "--no-progress",
-            "--classes", FASHION_CLASSES,
-        ])
+    write_split(args.fashion_mnist, shards, seconds)
     if not (pairs / "stats.json").is_file():
         seconds["caption shards"] = run("captions", data_main, [
             "captions", "--shards", str(shards / "train"), "--out", str(pairs), "--shard-size", "5000", "--no-progress"])

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -28,24 +27,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.__main__ import main as data_main  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
+
+from fmnist_steps import run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
 DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
 # --smoke: every run a few steps on the bundled images (2,700 train / 300 val), no worker processes
 SMOKE = ["data.samples_per_epoch=256", "train.batch_size=32", "data.num_workers=0", "data.shuffle_buffer=64",
          "train.log_every=4", "logging.progress_bar=false", "logging.wandb=disabled"]
-
-
-def run(step: str, main, argv: list[str]) -> float:
-    print(f"\n== {step}: {' '.join(argv)}", flush=True)
-    start = time.perf_counter()
-    status = main(argv)
-    if status:
-        raise SystemExit(f"{step} failed with exit status {status}")
-    return time.perf_counter() - start
 
 
 def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: int, seconds: dict) -> dict:
@@ -78,13 +69,8 @@ def main() -> None:
         from data import ensure_embedded_shards
 
         ensure_embedded_shards(shards)
-    elif not (shards / "val" / "stats.json").is_file():
-        src = Path(args.fashion_mnist)
-        seconds["write shards"] = run("shards", data_main, [
-            "idx", "--images", str(src / "train-images-idx3-ubyte.gz"), "--labels", str(src / "train-labels-idx1-ubyte.gz"),
-            "--out", str(shards), "--val-fraction", "0.1", "--seed", "0", "--shard-size", "5000", "--no-progress",
-            "--classes", "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot",
-        ])
+    else:
+        write_split(args.fashion_mnist, shards, seconds)
     common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *(SMOKE if args.smoke else [])]
 
     mae_dir = work / "mae"

@@ -13,24 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.__main__ import main as data_main  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
-
-def run(step: str, main, argv: list[str]) -> float:
-    print(f"\n== {step}: {' '.join(argv)}", flush=True)
-    start = time.perf_counter()
-    status = main(argv)
-    if status:
-        raise SystemExit(f"{step} failed with exit status {status}")
-    return time.perf_counter() - start
+from fmnist_steps import run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 
 def main() -> None:
@@ -46,13 +37,7 @@ def main() -> None:
     work = Path(args.work_dir)
     shards = work / "shards"
     seconds: dict[str, float] = {}
-    if not (shards / "val" / "stats.json").is_file():
-        src = Path(args.fashion_mnist)
-        seconds["write shards"] = run("shards", data_main, [
-            "idx", "--images", str(src / "train-images-idx3-ubyte.gz"), "--labels", str(src / "train-labels-idx1-ubyte.gz"),
-            "--out", str(shards), "--val-fraction", "0.1", "--seed", "0", "--shard-size", "5000", "--no-progress",
-            "--classes", "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot",
-        ])
+    write_split(args.fashion_mnist, shards, seconds)
     data_overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}"]
     mae_dir = work / "mae"
     pretrain_argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *data_overrides]
