@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.checkpoint import MODEL_FILE, CheckpointError, load_model_file
+from pretrain.checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    load_model_file,
+    load_state_dict_checked,
+    load_weights_file,
+    state_dict_mismatch,
+)
 from pretrain.config import ConfigError
 from pretrain.models import MODEL_REGISTRY, MaskedAutoencoderViT, create_model
 
@@ -153,7 +160,7 @@ def masked_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Path]:
     config = json.loads(metadata["model_config"])
     name = metadata.get("model_name")
     model = create_model(name, **config) if name in MODEL_REGISTRY else MaskedAutoencoderViT(**config)
-    model.load_state_dict(state_dict)
+    load_state_dict_checked(model, state_dict, weights_file)
     return model, weights_file
 
 
@@ -189,10 +196,10 @@ def classifier_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, A
                               f"{sorted(metadata)}); for other weights give distillation.teacher_model too")
     spec = json.loads(metadata[SPEC_KEY])
     model = create_classifier(spec)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights_file} does not fit its own spec {spec}: {err}") from None
+    problem = state_dict_mismatch(model.state_dict(), state_dict)
+    if problem is not None:
+        raise CheckpointError(f"{weights_file} does not fit its own spec {spec}: {problem}")
+    model.load_state_dict(state_dict)
     return model, spec, weights_file
 
 
@@ -211,17 +218,12 @@ def timm_classifier_with_weights(name: str, weights: str | Path, num_classes: in
 # ------------------------------------------------------------------------------------------------ weights
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from .pth/.pt/.bin/.ckpt read with torch.load(weights_only=True); the
-    usual wrappers ({"model": ...}, {"state_dict": ...}, DDP's "module." prefix) are taken off."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path), device="cpu")
-    elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"weights file {path}: expected .safetensors, .pth, .pt, .bin or .ckpt")
+    """A state dict from .safetensors, or from .pth/.pt/.bin/.ckpt read with torch.load(weights_only=True) (a pickle
+    that would run code is refused: pretrain.checkpoint.load_weights_file); the usual wrappers ({"model": ...},
+    {"state_dict": ...}, DDP's "module." prefix) are taken off."""
+    state: Any = load_weights_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -294,13 +296,7 @@ def load_trunk(model: nn.Module, state: dict[str, torch.Tensor], where: str, new
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
             allowed_missing |= {k for k in model.state_dict() if k.startswith("fc_norm.")}
         allowed_missing |= {"dist_token"} if hasattr(model, "dist_token") else set()
-    expected = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    missing = sorted(set(expected) - set(state) - allowed_missing)
-    unexpected = sorted(set(state) - set(expected))
-    if mismatched or missing or unexpected:
-        problems = "; ".join(f"{what}: {keys[:8]}{' ...' if len(keys) > 8 else ''}" for what, keys in
-                             (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)) if keys)
+    problems = state_dict_mismatch(model.state_dict(), state, allowed_missing)
+    if problems is not None:
         raise CheckpointError(f"the weights of {where} do not fit the classifier ({type(model).__name__}): {problems}")
     model.load_state_dict(state, strict=False)

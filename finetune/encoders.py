@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pretrain.checkpoint import CheckpointError, MODEL_FILE, find_latest, load_model_file
+from pretrain.checkpoint import CheckpointError, MODEL_FILE, find_latest, load_model_file, load_state_dict_checked
 from pretrain.config import ConfigError
 from pretrain.models import MaskedAutoencoderViT, create_model
 
@@ -35,7 +35,7 @@ def mae_from_checkpoint(path: str | Path) -> MaskedAutoencoderViT:
     if metadata.get("objective") != "mae" or "model_config" not in metadata:
         raise CheckpointError(f"{weights_file} is not an MAE checkpoint of this project (metadata: {sorted(metadata)})")
     model = MaskedAutoencoderViT(**json.loads(metadata["model_config"]))
-    model.load_state_dict(state_dict)
+    load_state_dict_checked(model, state_dict, weights_file)
     return model
 
 

@@ -5,19 +5,29 @@ Layout of one checkpoint, `OUTPUT_DIR/checkpoints/step_00001234/`:
   holds the model's registered name and constructor arguments as JSON, so the file alone rebuilds the model.
 - `train_state.pt`: optimizer, scheduler, grad scaler, RNG states, step and data position, for resume. Only tensors and
   plain Python values, so it loads with `torch.load(weights_only=True)`.
-- `meta.json`: step, epoch and a `complete` flag, written last.
+- `meta.json`: step, epoch, a `complete` flag and the size and sha256 of the two other files, written last.
 
 A checkpoint is written into a hidden temporary directory and renamed into place (`os.replace` is atomic on POSIX),
 so a process killed mid-save leaves no directory under a final name; `find_latest` ignores anything else.
+A file damaged later (a truncated copy, a bad disk) no longer matches its recorded size or sha256 (the same digest
+`sha256sum` prints; ~1.4 GB/s on one CPU core): loading it is a `CheckpointError` naming the file, and
+`resume=latest` falls back to the newest checkpoint that verifies.
+
+Weights never execute code on the way in: `.safetensors` holds tensors only, and `.pth`/`.pt`/`.bin`/`.ckpt` files
+(official MAE or timm releases) are read only by `load_weights_file`, with `torch.load(weights_only=True)`, which
+refuses a pickle that would import or call anything beyond tensors and plain containers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +36,9 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -57,7 +70,8 @@ def save_checkpoint(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     save_file(tensors, str(tmp / MODEL_FILE), metadata=model_metadata or {})
     torch.save(train_state, tmp / STATE_FILE)
-    (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "complete": True}, indent=2))
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)} for name in (MODEL_FILE, STATE_FILE)}
+    (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "complete": True, "files": files}, indent=2))
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
         _fsync(tmp / name)
     if final.exists():  # the same step saved again (e.g. a resumed run that ends where it started)
@@ -89,51 +103,170 @@ def prune_checkpoints(root: str | Path, keep_last: int, keep: Path | None = None
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def is_complete(path: str | Path) -> bool:
+def checkpoint_problem(path: str | Path, checksums: bool = True) -> str | None:
+    """Why `path` is not a usable checkpoint ("incomplete (...)" or "damaged (...)"), or None. Without `checksums`
+    only the cheap checks (meta.json, files present with the sizes recorded at save time); with them, also each
+    file's sha256 (reads the files)."""
     path = Path(path)
     try:
         meta = json.loads((path / META_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(meta.get("complete")) and (path / MODEL_FILE).is_file() and (path / STATE_FILE).is_file()
+    except FileNotFoundError:
+        return f"incomplete (no {META_FILE}: its save did not finish)"
+    except (OSError, ValueError) as err:
+        return f"damaged ({META_FILE} is unreadable: {err})"
+    if not meta.get("complete"):
+        return f"incomplete ({META_FILE} does not mark it complete)"
+    recorded = meta.get("files", {})  # absent in checkpoints written before sizes and digests were recorded
+    for name in (MODEL_FILE, STATE_FILE):
+        file = path / name
+        if not file.is_file():
+            return f"damaged ({name} is missing)"
+        if name not in recorded:
+            continue
+        size = file.stat().st_size
+        if size != recorded[name]["bytes"]:
+            return f"damaged ({name} has {size} bytes, {recorded[name]['bytes']} when saved: truncated or overwritten)"
+        if checksums and sha256_of(file) != recorded[name]["sha256"]:
+            return f"damaged ({name} does not match the sha256 recorded when it was saved)"
+    return None
 
 
-def find_latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
+def is_complete(path: str | Path) -> bool:
+    """Cheap: a finished save whose files are all there with their recorded sizes (no checksums)."""
+    return checkpoint_problem(path, checksums=False) is None
+
+
+def find_latest(root: str | Path, verify: bool = False) -> Path | None:
+    """The newest complete checkpoint under `root`, or None. With `verify`, the newest whose checksums match: each
+    damaged one passed over is logged as a warning naming it and the damage."""
     for path in reversed(list_checkpoints(root)):
-        if is_complete(path):
+        problem = checkpoint_problem(path, checksums=verify)
+        if problem is None:
             return path
+        if verify:
+            log.warning("skipping checkpoint %s: it is %s", path, problem)
     return None
 
 
 def resolve_resume(resume: str, checkpoints_dir: str | Path) -> Path | None:
-    """`resume=latest` -> newest complete checkpoint (None if there is none yet); `resume=PATH` -> that one."""
+    """`resume=latest` -> newest checkpoint that verifies (None if there is none yet); `resume=PATH` -> that one,
+    verified (a CheckpointError naming it if it is missing, unfinished or damaged)."""
     if resume == "latest":
-        return find_latest(checkpoints_dir)
+        return find_latest(checkpoints_dir, verify=True)
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"resume checkpoint not found: {path}")
-    if not is_complete(path):
-        raise CheckpointError(f"resume checkpoint is incomplete (no {META_FILE} marking it complete): {path}")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"resume checkpoint is {problem}: {path}")
     return path
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    return load_weights_file(Path(path) / STATE_FILE)
 
 
-def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, metadata) from a checkpoint directory or a `.safetensors` file."""
+def load_model_file(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) from a checkpoint directory or a `.safetensors` file. With `verify`, a file inside a
+    checkpoint directory is first checked against the size and sha256 in the directory's meta.json."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"model weights not found: {path}")
-    from safetensors import safe_open
+    if verify:
+        _verify_file(path)
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    return load_file(str(path)), metadata
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"model weights {path} are not a readable safetensors file ({err})") from None
+
+
+def load_weights_file(path: str | Path) -> Any:
+    """What a weights file holds, never running code from it: `.safetensors` -> its tensors; `.pth`/`.pt`/`.bin`/
+    `.ckpt` (and train_state.pt) -> `torch.load(weights_only=True)`, tensors and plain containers only. A pickle
+    that asks for anything else (a class, a function such as os.system) is refused with a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_model_file(path, verify=False)[0]
+    if path.suffix not in WEIGHTS_SUFFIXES:
+        raise CheckpointError(f"weights file {path}: expected one of {', '.join(WEIGHTS_SUFFIXES)}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise unsafe_pickle_error(path, err) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"weights file {path} is damaged or not a torch file ({_first_line(err)})") from None
+
+
+def unsafe_pickle_error(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """The error for a file that `torch.load(weights_only=True)` refused, with torch's reason (e.g. "unsupported
+    GLOBAL posix.system")."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+    return CheckpointError(
+        f"refusing to load {path}: it is not a plain weights file, unpickling it would import or run code "
+        f"({detail}). Only tensors and plain containers are loaded (torch.load(weights_only=True)); "
+        f"convert weights you trust to .safetensors"
+    )
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                        allowed_missing: Iterable[str] = ()) -> str | None:
+    """How `given` (a checkpoint's tensors) fails to fit `expected` (a model's state dict): the missing,
+    unexpected and wrong-shape keys, with shapes, or None when it fits."""
+    allowed = set(allowed_missing)
+    mismatched = [f"{key}: checkpoint {tuple(given[key].shape)} vs model {tuple(value.shape)}"  # in the model's order
+                  for key, value in expected.items() if key in given and tuple(given[key].shape) != tuple(value.shape)]
+    missing = [key for key in expected if key not in given and key not in allowed]
+    unexpected = [key for key in given if key not in expected]
+    problems = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+                for what, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected))
+                if keys]
+    return "; ".join(problems) or None
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
+    """`model.load_state_dict(state_dict)` (strict), but a checkpoint that does not fit the model is a
+    CheckpointError naming `source` and listing every missing, unexpected and wrong-shape key."""
+    problem = state_dict_mismatch(model.state_dict(), state_dict)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {source} does not fit the model ({type(model).__name__}): {problem}")
+    model.load_state_dict(state_dict)
+
+
+def sha256_of(path: str | Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_file(path: Path) -> None:
+    """Check one file of a checkpoint directory against its meta.json record (no record: nothing to check)."""
+    try:
+        recorded = json.loads((path.parent / META_FILE).read_text()).get("files", {}).get(path.name)
+    except (OSError, ValueError):
+        return
+    if not recorded:
+        return
+    size = path.stat().st_size
+    if size != recorded["bytes"]:
+        raise CheckpointError(f"{path} has {size} bytes, {recorded['bytes']} when saved (truncated or overwritten)")
+    if sha256_of(path) != recorded["sha256"]:
+        raise CheckpointError(f"{path} does not match the sha256 recorded when it was saved (corrupted)")
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _fsync(path: Path) -> None:

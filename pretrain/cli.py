@@ -39,10 +39,12 @@ def peek_key(config_path: str | None, overrides: Sequence[str], key: str, defaul
 
 
 def run_entry_point(body: Callable[[], Any]) -> int:
-    """Run `body`, turning the errors a user can fix into one clear line and a non-zero exit status."""
+    """Run `body`, turning the errors a user can fix into one clear line and a non-zero exit status:
+    2 configuration, data or checkpoint error; 3 the run diverged (non-finite loss or gradient); 128 + signal
+    number (143 SIGTERM, 130 SIGINT) stopped by a signal after saving a checkpoint (train.resume=latest continues)."""
     from data.errors import DataError
     from .checkpoint import CheckpointError
-    from .engine import NonFiniteLossError
+    from .engine import NonFiniteLossError, TrainingInterrupted
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("PIL", "matplotlib", "urllib3"):
@@ -55,6 +57,9 @@ def run_entry_point(body: Callable[[], Any]) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

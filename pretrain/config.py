@@ -265,6 +265,9 @@ class TrainConfig:
     resume: Optional[str] = None  # "latest" or a checkpoint directory
     overwrite: bool = False  # a fresh run into an output_dir holding an earlier run's checkpoints/log replaces them
     stop_after_steps: Optional[int] = None  # end early (the schedule still spans all epochs): smoke runs, time limits
+    # a non-finite loss or gradient stops the run (0), or up to this many such updates are skipped and counted
+    # (`nonfinite_skips` in log.jsonl) before it stops
+    max_nonfinite_skips: int = 0
     # torch.compile (inductor) the model for training. The first step compiles (ViT-B on 2 CPU cores: ~2 min) and
     # on CPU it gained nothing measurable (docs/benchmarks.md); measure it on a GPU with benchmarks/mae_speed.py.
     # Checkpoints and pictures use the eager module either way.
@@ -277,6 +280,7 @@ class TrainConfig:
         check(self.log_every >= 1, f"'train.log_every' must be >= 1, got {self.log_every}")
         check(self.save_every >= 1, f"'train.save_every' must be >= 1, got {self.save_every}")
         check(self.keep_last >= 1, f"'train.keep_last' must be >= 1, got {self.keep_last}")
+        check(self.max_nonfinite_skips >= 0, f"'train.max_nonfinite_skips' must be >= 0, got {self.max_nonfinite_skips}")
 
 
 @dataclass

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -20,7 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import find_latest, load_model_file, load_train_state, resolve_resume, save_checkpoint
+from .checkpoint import (
+    checkpoint_name,
+    find_latest,
+    load_model_file,
+    load_state_dict_checked,
+    load_train_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from .config import ConfigError, LoggingConfig, OptimConfig, TrainConfig, save_config
 
 log = logging.getLogger(__name__)
@@ -30,7 +43,74 @@ LoaderFactory = Callable[[int, int, int], Iterable[dict[str, Any]]]  # (start_ba
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The run diverged: a non-finite loss or gradient (beyond `train.max_nonfinite_skips` skipped steps)."""
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped on SIGTERM or SIGINT (pre-emption, Ctrl-C) after checkpointing the step it had finished.
+    `exit_code` is 128 + the signal number (143 for SIGTERM, 130 for SIGINT), what a shell reports for a process
+    ended by that signal: schedulers and scripts see an unfinished run, and `train.resume=latest` continues it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} received: stopped after step {step} and saved {checkpoint}; "
+                         f"continue with train.resume=latest")
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT handlers for the length of a run. The first signal is only noted (`signum`): the loop finishes
+    its step, saves a checkpoint and raises TrainingInterrupted. The handlers then fall back to the default action,
+    so a second signal ends the process at once, even inside a long kernel or a save (checkpoints are atomic).
+    Installed from the main thread only (Python's rule), the previous handlers restored afterwards. The DataLoader
+    workers ignore the first signal too (`_workers_outlive_first_signal`), so that a signal sent to the whole process
+    group (Ctrl-C, SLURM) leaves them serving the step being finished."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._pid = os.getpid()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        for other in self.SIGNALS:
+            signal.signal(other, signal.SIG_DFL)
+        if os.getpid() == self._pid:  # not in a forked data worker
+            self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _default_after_first_signal(signum, frame) -> None:
+    for other in _StopOnSignal.SIGNALS:
+        signal.signal(other, signal.SIG_DFL)
+
+
+def _ignore_first_signal(worker_id: int, init_fn: Optional[Callable[[int], None]] = None) -> None:
+    for signum in _StopOnSignal.SIGNALS:
+        signal.signal(signum, _default_after_first_signal)
+    if init_fn is not None:
+        init_fn(worker_id)
+
+
+def _workers_outlive_first_signal(loader: Iterable) -> Iterable:
+    """A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the DataLoader workers too, and torch's workers die of
+    SIGTERM (their own handler): the main process would then fail to fetch the batches of the step it finishes
+    before saving. The workers ignore the first signal instead and die of the second, like the main process."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(loader, DataLoader) and loader.num_workers > 0:
+        loader.worker_init_fn = partial(_ignore_first_signal, init_fn=loader.worker_init_fn)
+    return loader
 
 
 @dataclass
@@ -64,8 +144,11 @@ class Schedule:
         )
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float, layer_decay: Optional[float] = None):
+def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float, layer_decay: Optional[float] = None,
+                    param_group_fn: Optional[Callable[[nn.Module], list[dict[str, Any]]]] = None):
     """timm's optimizer factory: weight decay skips 1-D params (norms, biases) and `model.no_weight_decay()`.
+    `param_group_fn(model)`: the parameter groups instead (timm's hook; a group's "lr_scale" scales its lr under
+    the scheduler, e.g. DETR's lower backbone lr; groups without "weight_decay" get optim.weight_decay).
     AdamW is torch's fused kernel: one pass over each parameter, where torch's default on CPU loops over the tensors
     op by op (ViT-B on 2 cores: 0.10 instead of 0.45 s an update; docs/benchmarks.md, "MAE training speed")."""
     from timm.optim import create_optimizer_v2
@@ -77,7 +160,8 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float, layer_decay
     else:
         kwargs["momentum"] = optim.momentum
     return create_optimizer_v2(
-        model, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, layer_decay=layer_decay, **kwargs
+        model, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, layer_decay=layer_decay,
+        param_group_fn=param_group_fn, **kwargs
     )
 
 
@@ -186,10 +270,14 @@ class Trainer:
         layer_decay: Optional[float] = None,
         skip_guard=None,
         on_epoch_end: Optional[Callable[["Trainer", int], None]] = None,
+        param_group_fn: Optional[Callable[[nn.Module], list[dict[str, Any]]]] = None,
+        make_scheduler: Optional[Callable[[Any, Schedule], Any]] = None,
     ):
         """`on_epoch_end(trainer, epoch)`: called on every process after the optimizer step that completes epoch
         `epoch` (1-based; every `schedule.steps_per_epoch` steps, after that step's log line and checkpoint), e.g. to
-        evaluate; the loop puts the model back in training mode afterwards."""
+        evaluate; the loop puts the model back in training mode afterwards. `param_group_fn`: see build_optimizer.
+        `make_scheduler(optimizer, schedule)`: a timm scheduler (`step_update(step)`) in place of warmup + cosine,
+        e.g. DETR's step decay."""
         self.train_cfg, self.optim_cfg, self.logging_cfg = train, optim, logging_cfg
         self.output_dir = Path(output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
@@ -202,12 +290,14 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(train)
         acc = self.accelerator
         self.schedule = Schedule.derive(samples_per_epoch, train, optim, acc.num_processes)
-        optimizer = build_optimizer(model, optim, self.schedule.lr, layer_decay=layer_decay)
-        self.scheduler = build_scheduler(optimizer, self.schedule, optim.min_lr)
+        optimizer = build_optimizer(model, optim, self.schedule.lr, layer_decay=layer_decay, param_group_fn=param_group_fn)
+        self.scheduler = (make_scheduler(optimizer, self.schedule) if make_scheduler is not None
+                          else build_scheduler(optimizer, self.schedule, optim.min_lr))
         if train.compile:
             model = compile_for_training(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.step = 0
+        self.nonfinite_skips = 0  # updates skipped for a non-finite loss or gradient (train.max_nonfinite_skips)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -219,6 +309,13 @@ class Trainer:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
     def fit(self) -> dict[str, Any]:
+        """Train to the end of the schedule (or `train.stop_after_steps`). On SIGTERM/SIGINT: finish the step, save
+        and raise TrainingInterrupted; on a non-finite loss or gradient: skip the step within
+        `train.max_nonfinite_skips`, else raise NonFiniteLossError."""
+        with _StopOnSignal() as stop_signal:  # the previous handlers come back however the run ends
+            return self._fit(stop_signal)
+
+    def _fit(self, stop_signal: "_StopOnSignal") -> dict[str, Any]:
         acc, cfg, sched = self.accelerator, self.train_cfg, self.schedule
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +328,8 @@ class Trainer:
             self._resume(cfg.resume)
         last_step = sched.total_steps if cfg.stop_after_steps is None else min(sched.total_steps, cfg.stop_after_steps)
         wandb_run = self._init_wandb()
-        batches = iter(self.make_loader(self.step * cfg.grad_accum_steps, acc.process_index, acc.num_processes))
+        loader = self.make_loader(self.step * cfg.grad_accum_steps, acc.process_index, acc.num_processes)
+        batches = iter(_workers_outlive_first_signal(loader))
         progress = self._progress_bar(last_step)
         window = _Window()
         last_record: dict[str, Any] = {}
@@ -252,25 +350,46 @@ class Trainer:
                     acc.backward(outputs["loss"])
                 for name, value in outputs.items():
                     step_totals[name] = step_totals.get(name, 0) + value.detach().float() / cfg.grad_accum_steps
-            self._check_finite(step_totals["loss"])
-            if self.optim_cfg.clip_grad is not None:
-                step_totals["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip_grad)
-            self.optimizer.step()
+            # the norm tells a diverging gradient from a diverging loss, before the update could spread NaNs into the
+            # weights (clip_grad=None: no clipping; one read of the gradients, ViT-B: ~0.06 s on one CPU core)
+            max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad is not None else float("inf")
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            if grad_norm is not None:
+                step_totals["grad_norm"] = grad_norm.detach().float()
+            loss_bad, grad_bad, agreed_signum = self._step_flags(step_totals["loss"], grad_norm, stop_signal.signum)
+            update = not (loss_bad or grad_bad)
+            if update:
+                self.optimizer.step()
+            else:  # raises unless train.max_nonfinite_skips allows skipping this update
+                self._skip_nonfinite(step_totals["loss"], grad_norm, loss_bad)
             self.optimizer.zero_grad(set_to_none=True)
-            if hasattr(self.task, "after_optimizer_step"):  # e.g. CLIP clamps its temperature
+            if update and hasattr(self.task, "after_optimizer_step"):  # e.g. CLIP clamps its temperature
                 self.task.after_optimizer_step(self.unwrapped_model)
             self.step += 1
-            window.add_step(step_totals, sched.global_batch)
+            window.add_step(step_totals, sched.global_batch, applied=update)
             progress.update(1)
 
             if self.step % cfg.log_every == 0 or self.step == last_step:
                 last_record = self._log(window, wandb_run, progress)
                 window = _Window()
-            if self.step % cfg.save_every == 0 or self.step == last_step:
+            saved = self.step % cfg.save_every == 0 or self.step == last_step
+            if saved:
                 self.save()
             if self.on_epoch_end is not None and self.step % sched.steps_per_epoch == 0:
                 self.on_epoch_end(self, self.step // sched.steps_per_epoch)
                 self.model.train()
+            # pre-emption: the processes agreed on the signal in _step_flags, so they all stop after the same step
+            signum = agreed_signum if acc.num_processes > 1 else stop_signal.signum
+            if signum and self.step < last_step:
+                if acc.is_main_process:
+                    log.warning("%s received: saving step %d and stopping (a second signal stops at once, unsaved)",
+                                signal.Signals(signum).name, self.step)
+                if not saved:
+                    self.save()
+                progress.close()
+                if wandb_run is not None:
+                    wandb_run.finish()
+                raise TrainingInterrupted(signum, self.step, self.checkpoints_dir / checkpoint_name(self.step))
         progress.close()
         if wandb_run is not None:
             wandb_run.finish()
@@ -278,17 +397,42 @@ class Trainer:
         return {"step": self.step, "total_steps": sched.total_steps, **last_record}
 
     # ------------------------------------------------------------------------------------------------------------
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss).float()
-        if self.accelerator.num_processes > 1:  # every process stops together instead of hanging in a collective
-            finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
-        if finite.item() < 1:
-            latest = self._latest_checkpoint_text()
-            step = self.step + 1  # the step being computed, numbered as in log.jsonl and checkpoint names
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {step} (epoch {step / self.schedule.steps_per_epoch:.2f}); "
-                f"stopping. {latest} Lower the learning rate or enable optim.clip_grad."
-            )
+    def _step_flags(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], signum: int) -> tuple[bool, bool, int]:
+        """(non-finite loss, non-finite gradient, signal received) on any process: one tiny all-reduce (max) when
+        there are several, so that all stop, skip or save together instead of hanging in a collective. With fp16's
+        grad scaler, infinite gradients are routine (the scaler skips the step and lowers its scale): not checked."""
+        check_grad = grad_norm is not None and getattr(self.accelerator, "scaler", None) is None
+        flags = torch.stack([
+            (~torch.isfinite(loss)).float().reshape(()),
+            (~torch.isfinite(grad_norm)).float().reshape(()) if check_grad else loss.new_zeros(()).float(),
+            torch.tensor(float(signum), device=loss.device),
+        ])
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        loss_bad, grad_bad, agreed = flags.tolist()
+        return loss_bad > 0, grad_bad > 0, int(agreed)
+
+    def _skip_nonfinite(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], loss_bad: bool) -> None:
+        """Count a skipped update within `train.max_nonfinite_skips`; beyond it, stop naming the step and cause."""
+        step = self.step + 1  # the step being computed, numbered as in log.jsonl and checkpoint names
+        where = f"at step {step} (epoch {step / self.schedule.steps_per_epoch:.2f})"
+        if loss_bad:
+            value = loss.item()
+            cause = f"non-finite loss ({value if not math.isfinite(value) else 'on another process'})"
+        else:
+            cause = f"non-finite gradient (grad norm {grad_norm.item()}; the loss {loss.item():.6g} was finite)"
+        budget = self.train_cfg.max_nonfinite_skips
+        if self.nonfinite_skips < budget:
+            self.nonfinite_skips += 1
+            if self.accelerator.is_main_process:
+                log.warning("%s %s: update skipped (%d of train.max_nonfinite_skips=%d)",
+                            cause, where, self.nonfinite_skips, budget)
+            return
+        spent = f"; train.max_nonfinite_skips={budget} already spent on earlier steps" if budget else ""
+        raise NonFiniteLossError(
+            f"{cause} {where}{spent}; stopping. {self._latest_checkpoint_text()} "
+            f"Lower the learning rate or enable optim.clip_grad."
+        )
 
     def _latest_checkpoint_text(self) -> str:
         latest = find_latest(self.checkpoints_dir)
@@ -297,6 +441,8 @@ class Trainer:
     def _log(self, window: "_Window", wandb_run, progress) -> dict[str, Any]:
         acc = self.accelerator
         values = {name: total / window.steps for name, total in window.totals.items()}
+        if not window.steps:  # every update of the window was skipped (non-finite)
+            values = {"loss": torch.tensor(float("nan"))}
         if acc.num_processes > 1:
             values = {k: acc.reduce(v.to(acc.device), reduction="mean") for k, v in values.items()}
         elapsed = time.perf_counter() - window.start
@@ -306,6 +452,7 @@ class Trainer:
             **{k: float(v) for k, v in values.items()},
             "lr": self.current_lr(),
             "images_per_s": window.samples / elapsed if elapsed > 0 else 0.0,
+            "nonfinite_skips": self.nonfinite_skips,  # skipped updates so far in the run
             **window.skipped_counts(acc),
         }
         if acc.is_main_process:
@@ -342,12 +489,13 @@ class Trainer:
         """Write a checkpoint of the current step (main process only)."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        model_state, optimizer_state = self._full_states()
         path = None
         if acc.is_main_process:
             scaler = getattr(acc, "scaler", None)
             train_state = {
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),  # the lr is a function of the step; kept for inspection
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": _rng_state(),
@@ -357,34 +505,71 @@ class Trainer:
                 },
                 "world_size": acc.num_processes,
                 "global_batch": self.schedule.global_batch,
+                "nonfinite_skips": self.nonfinite_skips,
             }
             meta = {"epoch": self.step / self.schedule.steps_per_epoch, "total_steps": self.schedule.total_steps}
             path = save_checkpoint(
-                self.checkpoints_dir, self.step, self.unwrapped_model.state_dict(), train_state, meta,
+                self.checkpoints_dir, self.step, model_state, train_state, meta,
                 model_metadata=self.model_metadata, keep_last=self.train_cfg.keep_last,
             )
         acc.wait_for_everyone()
         return path
+
+    def _sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(model state, optimizer state) of the whole model. Under FSDP each process holds a shard: the full
+        tensors are gathered onto the CPU (a collective, so every process calls this), the optimizer state keyed by
+        parameter name (torch.distributed.checkpoint's format); the checkpoint stays one safetensors file."""
+        if not self._sharded():
+            return self.unwrapped_model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=options),
+                get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=options))
+
+    def _load_full_states(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], path) -> None:
+        if not self._sharded():
+            load_state_dict_checked(self.unwrapped_model, model_state, path)
+            self.optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, model_state, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer.optimizer, optimizer_state, options=options)
 
     def _resume(self, resume: str) -> None:
         path = resolve_resume(resume, self.checkpoints_dir)
         if path is None:
             log.info("resume=latest: no checkpoint in %s yet, starting from scratch", self.checkpoints_dir)
             return
-        state_dict, _ = load_model_file(path)
-        self.unwrapped_model.load_state_dict(state_dict)
+        state_dict, _ = load_model_file(path, verify=False)  # resolve_resume verified the checkpoint's sha256
         state = load_train_state(path)
+        self._load_full_states(state_dict, state["optimizer"], path)
         if state["global_batch"] != self.schedule.global_batch or state["world_size"] != self.accelerator.num_processes:
             log.warning(
                 "resuming with global batch %d over %d processes; the checkpoint used %d over %d: the data order will differ",
                 self.schedule.global_batch, self.accelerator.num_processes, state["global_batch"], state["world_size"],
             )
-        self.optimizer.load_state_dict(state["optimizer"])
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.scheduler.step_update(self.step)
         if self.accelerator.is_main_process:
             log.info("resumed from %s at step %d", path, self.step)
@@ -400,10 +585,12 @@ class _Window:
         self.samples = 0
         self.skipped: dict[str, int] = {}
 
-    def add_step(self, values: dict[str, torch.Tensor], global_batch: int) -> None:
-        for name, value in values.items():
-            self.totals[name] = self.totals.get(name, 0) + value
-        self.steps += 1
+    def add_step(self, values: dict[str, torch.Tensor], global_batch: int, applied: bool = True) -> None:
+        """`applied=False`: a skipped update (non-finite), whose samples count but whose values would poison the means."""
+        if applied:
+            for name, value in values.items():
+                self.totals[name] = self.totals.get(name, 0) + value
+            self.steps += 1
         self.samples += global_batch
 
     def add_skipped(self, counts: Optional[dict[str, int]]) -> None:

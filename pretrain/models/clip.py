@@ -111,13 +111,12 @@ def load_mae_into_image_tower(model: nn.Module, checkpoint: str | Path) -> None:
         raise ValueError(f"an MAE checkpoint can initialise a timm ViT image tower, not {type(model.visual).__name__}"
                          f"/{type(trunk).__name__}")
     encoder = vit_encoder(mae_from_checkpoint(checkpoint), image_size=trunk.patch_embed.img_size[0])
-    source, target = encoder.state_dict(), trunk.state_dict()
-    mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs tower {tuple(target[key].shape)}"
-                  for key, value in source.items() if key in target and target[key].shape != value.shape]
-    missing, unexpected = sorted(set(target) - set(source)), sorted(set(source) - set(target))
-    if mismatched or missing or unexpected:
-        raise ValueError(f"MAE checkpoint {checkpoint} does not fit the image tower: mismatched {mismatched}, "
-                         f"missing {missing}, unexpected {unexpected}")
+    from pretrain.checkpoint import state_dict_mismatch
+
+    source = encoder.state_dict()
+    problems = state_dict_mismatch(trunk.state_dict(), source)
+    if problems is not None:
+        raise ValueError(f"MAE checkpoint {checkpoint} does not fit the image tower: {problems}")
     trunk.load_state_dict(source)
 
 
@@ -146,12 +145,17 @@ def load_clip(weights: str | Path, model_config: str | None = None) -> tuple[nn.
     - an `export_open_clip` folder;
     - any open_clip model config (name or JSON file) plus a local weights file (`model_config` given).
     """
-    from pretrain.checkpoint import load_model_file
+    import pickle
+
+    from pretrain.checkpoint import load_model_file, load_state_dict_checked, unsafe_pickle_error
 
     weights = Path(weights)
     if model_config is not None:
         name, _ = resolve_model_config(model_config)
-        model = open_clip.create_model(name, pretrained=str(weights))
+        try:  # open_clip reads .pth/.pt/.bin files with torch.load(weights_only=True)
+            model = open_clip.create_model(name, pretrained=str(weights))
+        except pickle.UnpicklingError as err:
+            raise unsafe_pickle_error(weights, err) from None
         return model.eval(), name
     if weights.is_dir() and (weights / EXPORT_CONFIG_FILE).is_file():
         exported = json.loads((weights / EXPORT_CONFIG_FILE).read_text())
@@ -169,7 +173,7 @@ def load_clip(weights: str | Path, model_config: str | None = None) -> tuple[nn.
     name = metadata["model_name"]
     ensure_registered(name, json.loads(metadata["model_config"]))
     model = open_clip.create_model(name, pretrained=None)
-    model.load_state_dict(state_dict)
+    load_state_dict_checked(model, state_dict, weights_file)
     return model.eval(), name
 
 

@@ -342,14 +342,11 @@ def load_official_mae_checkpoint(
 def _read_state_dict(path_or_state_dict: str | Path | Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
     if isinstance(path_or_state_dict, (str, Path)):
         path = Path(path_or_state_dict)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            checkpoint: Mapping[str, Any] = load_file(str(path), device="cpu")
-        elif path.suffix in (".pth", ".pt", ".bin"):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        else:
+        if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
             raise ValueError(f"MAE checkpoint {path}: expected a .pth or .safetensors file")
+        from ..checkpoint import load_weights_file  # never runs code from the file: safetensors / weights_only
+
+        checkpoint: Mapping[str, Any] = load_weights_file(path)
     else:
         checkpoint = path_or_state_dict
     if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
