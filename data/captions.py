@@ -69,7 +69,9 @@ def labelled_shard_samples(shards: Sequence[str]) -> Iterator[tuple[str, str, by
 
     from .sources import IMAGE_EXTENSIONS
 
-    for sample in wds.WebDataset(list(shards), shardshuffle=False, empty_check=False):
+    # every shard, on whichever process calls this (e.g. the main one while writing the embedded pairs)
+    whole = dict(shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+    for sample in wds.WebDataset(list(shards), **whole):
         ext = next((k for k in sample if k.lower() in IMAGE_EXTENSIONS), None)
         if ext is None or "cls" not in sample:
             continue  # counted by the pair writer's stats as missing: there is no pair to write

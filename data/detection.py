@@ -232,7 +232,9 @@ def coco_ground_truth(shard_dir) -> dict:
         raise DataError(f"{stats_file}: no categories; not a detection shard directory")
     images, annotations = [], []
     shards = [str(shard_dir / name) for name in stats["shards"]]
-    for sample in webdataset.WebDataset(shards, shardshuffle=False) if shards else []:
+    # every shard, also when only the main process of a distributed run calls this
+    whole = dict(shardshuffle=False, nodesplitter=None, workersplitter=None)
+    for sample in webdataset.WebDataset(shards, **whole) if shards else []:
         if "json" not in sample:
             raise DataError(f"sample {sample['__key__']!r} in {sample['__url__']} has no json field")
         target = json.loads(sample["json"])

@@ -61,6 +61,17 @@ def tiny_shards(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_pair_shards(tmp_path_factory, tiny_shards) -> Path:
+    """The tiny labelled training shards as image-text pairs with generated captions."""
+    from data import FASHION_MNIST_CLASSES, captioned_pairs, expand_shards, write_pair_shards
+
+    out = tmp_path_factory.mktemp("pairs")
+    write_pair_shards(captioned_pairs(expand_shards(tiny_shards[0]), FASHION_MNIST_CLASSES), out, shard_size=32,
+                      progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory) -> Path:
     """The bundled data set written once per session, for `data.cache_dir=` in runs of the real demo config."""
     from data import ensure_embedded_shards

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_helpers import write_tiny_clip_config
-from data import caption_for, captioned_pairs, expand_shards, write_pair_shards
+from data import caption_for, expand_shards
 from data.captions import CAPTION_PHRASINGS, CLASS_NOUNS
 from pretrain.config import CLIPPretrainConfig, ConfigError, load_config
 from pretrain.models.clip import create_clip, load_clip, tokenizer_for
@@ -31,17 +31,6 @@ def tiny_clip(tmp_path_factory):
     torch.manual_seed(0)
     model, name, _ = create_clip(str(config))
     return model, name, config
-
-
-@pytest.fixture(scope="module")
-def tiny_pair_shards(tmp_path_factory, tiny_shards):
-    """The tiny labelled training shards as image-text pairs with generated captions."""
-    from data import FASHION_MNIST_CLASSES
-
-    out = tmp_path_factory.mktemp("pairs")
-    write_pair_shards(captioned_pairs(expand_shards(tiny_shards[0]), FASHION_MNIST_CLASSES), out, shard_size=32,
-                      progress=False)
-    return out
 
 
 def test_clip_loss_equals_symmetric_cross_entropy_by_hand(tiny_clip):
