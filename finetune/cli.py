@@ -5,16 +5,17 @@ from typing import Sequence
 
 from pretrain.cli import dispatch, parse_args, run_entry_point
 
-from .config import FinetuneConfig, LinearProbeConfig, ZeroShotConfig
+from .config import DetrConfig, FinetuneConfig, LinearProbeConfig, ZeroShotConfig
 
 # task name -> (config schema, run function path); later heads (finetune, distillation, DETR) register here.
 TASKS: dict[str, tuple[type, str]] = {
     "linear_probe": (LinearProbeConfig, "finetune.linear_probe:run_linear_probe"),
     "zeroshot": (ZeroShotConfig, "finetune.zeroshot:run_zero_shot"),
     "finetune": (FinetuneConfig, "finetune.classify:run_finetune"),  # full finetuning, DeiT distillation
+    "detr": (DetrConfig, "finetune.detection:run_detr"),  # DETR object detection, COCO evaluation
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args("python -m finetune", "Evaluate pretrained encoders (linear probe, zero-shot, finetuning, distillation).", argv)
+    args = parse_args("python -m finetune", "Evaluate pretrained encoders (linear probe, zero-shot, finetuning, distillation, DETR detection).", argv)
     return run_entry_point(lambda: dispatch(args, "task", "linear_probe", TASKS))

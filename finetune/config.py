@@ -184,3 +184,133 @@ class FinetuneConfig:
         check(not self.augment.mixing or self.train.batch_size % 2 == 0,
               f"'train.batch_size' must be even with Mixup / CutMix (timm mixes a batch with its reverse), got "
               f"{self.train.batch_size}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DETR detection (finetune/detection.py, finetune/detr.py)
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DetrBackboneConfig:
+    """The trunk (finetune/classifiers.py loads it, as for finetuning): "mae" (our masked-image checkpoint: MAE's
+    ViT, UM-MAE's / SimMIM's Swin; null: `model_name` randomly initialised), "clip" (our CLIP run's timm image
+    tower) or "timm" (`model_name` + a local weights file in `checkpoint`). A ViT gives its last-layer patch tokens
+    (stride = patch size), a Swin its last stage (stride 32); both take any input size."""
+    source: Literal["mae", "clip", "timm"] = "mae"
+    checkpoint: Optional[str] = None
+    model_name: str = "mae_vit_tiny_patch4"
+    model_kwargs: dict = field(default_factory=dict)
+    open_clip_config: Optional[str] = None
+    # the size the trunk is built at: its position embeddings' grid (e.g. its pretraining size); a ViT
+    # interpolates them to each input's grid
+    image_size: int = 224
+    drop_path: float = 0.0
+
+    def __post_init__(self):
+        check(self.image_size > 0, f"'backbone.image_size' must be positive, got {self.image_size}")
+        check(0 <= self.drop_path < 1, f"'backbone.drop_path' must be in [0, 1), got {self.drop_path}")
+        check(self.source != "clip" or self.checkpoint is not None,
+              "'backbone.checkpoint' must name a CLIP run, checkpoint or export when backbone.source=clip")
+        check(not (self.source == "mae" and self.checkpoint and self.model_kwargs),
+              "'backbone.model_kwargs' must be empty with an MAE checkpoint: the checkpoint fixes the architecture")
+
+
+@dataclass
+class DetrModelConfig:
+    """DETR's transformer and heads (the paper's defaults)."""
+    hidden_dim: int = 256
+    num_heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    aux_loss: bool = True  # the loss on every decoder layer's outputs, not only the last
+
+    def __post_init__(self):
+        check(self.hidden_dim % 2 == 0 and self.hidden_dim % self.num_heads == 0,
+              f"'model.hidden_dim' must be even and a multiple of model.num_heads, got {self.hidden_dim} / {self.num_heads}")
+        check(self.encoder_layers >= 0, f"'model.encoder_layers' must be >= 0, got {self.encoder_layers}")
+        check(self.decoder_layers >= 1, f"'model.decoder_layers' must be >= 1, got {self.decoder_layers}")
+        check(self.num_queries >= 1, f"'model.num_queries' must be >= 1, got {self.num_queries}")
+        check(0 <= self.dropout < 1, f"'model.dropout' must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DetrLossConfig:
+    """Matching costs and loss weights (DETR: class 1, L1 5, GIoU 2 for both; no-object class weight 0.1)."""
+    class_cost: float = 1.0
+    bbox_cost: float = 5.0
+    giou_cost: float = 2.0
+    ce_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    no_object_weight: float = 0.1
+
+    def __post_init__(self):
+        for key in ("class_cost", "bbox_cost", "giou_cost", "ce_weight", "bbox_weight", "giou_weight", "no_object_weight"):
+            check(getattr(self, key) >= 0, f"'loss.{key}' must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class DetrAugmentConfig:
+    """DETR's augmentation (data.transforms.detection_train_transform): flip, then a multi-scale resize (shorter side
+    from `scales`, longer side at most `max_size`), or a resize to one of `crop_scales` + a random crop of
+    `crop_size` (min, max) pixels a side + the multi-scale resize. Evaluation: shorter side `eval_size`."""
+    scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = 1333
+    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: tuple[int, int] = (384, 600)
+    eval_size: int = 800
+    eval_max_size: int = 1333
+
+    def __post_init__(self):
+        check(len(self.scales) > 0 and min(self.scales) > 0, f"'augment.scales' must be positive sizes, got {self.scales}")
+        check(len(self.crop_scales) > 0 and min(self.crop_scales) > 0,
+              f"'augment.crop_scales' must be positive sizes, got {self.crop_scales}")
+        check(0 < self.crop_size[0] <= self.crop_size[1], f"'augment.crop_size' must be 0 < min <= max, got {self.crop_size}")
+        check(0 < self.eval_size < self.eval_max_size,  # torchvision's Resize refuses max_size <= size
+              f"'augment.eval_size' must be positive and below augment.eval_max_size ({self.eval_max_size}), got "
+              f"{self.eval_size}")
+        check(max(self.scales) <= self.max_size, f"'augment.scales' must not exceed augment.max_size ({self.max_size})")
+
+
+@dataclass
+class DetrConfig:
+    """DETR on a pretrained ViT / Swin, trained on detection shards (`python -m data coco` or
+    data.write_detection_shards) and evaluated with pycocotools' COCOeval on `data.val` (a shard directory). The
+    data section's image_size / crop_scale / eval_crop_fraction are not used: `augment` sets the sizes."""
+    task: Literal["detr"] = "detr"
+    output_dir: str = "runs/detr_demo"
+    data: DataConfig = field(default_factory=lambda: DataConfig(train="runs/bench_detr/shards/train",
+                                                                val="runs/bench_detr/shards/val"))
+    backbone: DetrBackboneConfig = field(default_factory=DetrBackboneConfig)
+    model: DetrModelConfig = field(default_factory=DetrModelConfig)
+    loss: DetrLossConfig = field(default_factory=DetrLossConfig)
+    augment: DetrAugmentConfig = field(default_factory=DetrAugmentConfig)
+    num_classes: Optional[int] = None  # class ids 0..num_classes-1; default: the largest category id + 1 (COCO: 91)
+    # DETR: AdamW, lr 1e-4 (absolute, not scaled by the batch), weight decay 1e-4 on every weight, grad clip 0.1
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.999), warmup_epochs=0.0, clip_grad=0.1))
+    backbone_lr: float = 1e-5  # the trunk's lr; 0 freezes it
+    lr_drop: int = 200  # epochs: every lr is multiplied by 0.1 every lr_drop epochs (DETR's StepLR)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=300, batch_size=4, log_every=50))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval_every: int = 1  # epochs between COCO evaluations (the last epoch is always evaluated)
+    eval_batch_size: int = 8
+    num_pictures: int = 8  # validation images drawn with predicted and true boxes at the end (boxes.png); 0: none
+    picture_threshold: float = 0.5  # predictions drawn: score at least this
+
+    def __post_init__(self):
+        check(self.data.val is not None and self.data.val != "embedded",
+              "'data.val' must name a detection shard directory (with its stats.json) for COCO evaluation")
+        check(self.data.train != "embedded", "'data.train' must name detection shards; the embedded data set has "
+                                             "no boxes (benchmarks/detr_fmnist.py makes a detection set from it)")
+        check(self.optim.lr is not None, "'optim.lr' must be set: DETR's learning rates are absolute")
+        check(self.backbone_lr >= 0, f"'backbone_lr' must be >= 0 (0 freezes the backbone), got {self.backbone_lr}")
+        check(self.lr_drop >= 1, f"'lr_drop' must be >= 1 epoch, got {self.lr_drop}")
+        check(self.num_classes is None or self.num_classes >= 1, f"'num_classes' must be >= 1, got {self.num_classes}")
+        check(self.eval_every >= 1, f"'eval_every' must be >= 1, got {self.eval_every}")
+        check(self.eval_batch_size >= 1, f"'eval_batch_size' must be >= 1, got {self.eval_batch_size}")
+        check(self.num_pictures >= 0, f"'num_pictures' must be >= 0, got {self.num_pictures}")
+        check(0 <= self.picture_threshold <= 1, f"'picture_threshold' must be in [0, 1], got {self.picture_threshold}")

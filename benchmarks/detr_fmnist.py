@@ -1,0 +1,200 @@
+"""DETR on a synthetic detection set made of Fashion-MNIST items, on CPU, on the Fashion-MNIST MAE.
+
+Each canvas (black, `--canvas` pixels square) holds 1-4 Fashion-MNIST items, each resized to a random size in
+[--min-item, --max-item] pixels and placed at a random position (overlapping another item by at most 0.3 IoU);
+a box is the tight box of the item's visible pixels, its category the item's class (ids 1-10). Training canvases use
+items of the first 5/6 of the source images, held-out canvases items of the rest. The set is written as COCO JSON +
+PNGs, then as detection shards through the data layer (data.read_coco, data.write_detection_shards).
+
+    OMP_NUM_THREADS=1 python benchmarks/detr_fmnist.py --json runs/bench_detr/detr.json   # ~25 min on CPU
+    python benchmarks/detr_fmnist.py --smoke        # minutes: 64 + 16 canvases from the bundled images, 8 steps
+
+Steps (the data step is skipped when its output exists; the DETR run starts afresh):
+1. canvases, COCO JSON, shards (runs/bench_detr/coco, runs/bench_detr/shards/{train,val});
+2. `python -m finetune --config configs/detr_vit_tiny_fmnist.yaml` on the MAE at runs/bench_fmnist/mae (made by
+   benchmarks/linear_probe.py or finetune_fmnist.py; --smoke trains that tiny MAE for 2 steps instead);
+3. COCO AP of the held-out canvases (metrics.json) and boxes.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data import FASHION_MNIST_CLASSES, read_coco, read_embedded, read_idx, write_detection_shards  # noqa: E402
+from finetune.cli import main as finetune_main  # noqa: E402
+
+from fmnist_steps import run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+
+CONFIG = REPO / "configs/detr_vit_tiny_fmnist.yaml"
+CATEGORIES = [{"id": index + 1, "name": name} for index, name in enumerate(FASHION_MNIST_CLASSES)]
+MAX_OVERLAP = 0.3  # IoU an item may share with one placed before it
+SMOKE = ["data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=8", "train.epochs=1",
+         "train.log_every=2", "logging.progress_bar=false", "logging.wandb=disabled", "eval_batch_size=8",
+         "num_pictures=4"]
+
+
+def load_items(fashion_mnist: Path, smoke: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images [N, 28, 28] uint8, labels [N], source): the 60,000 training images, or the bundled 3,000."""
+    images_file = fashion_mnist / "train-images-idx3-ubyte.gz"
+    if not smoke and images_file.is_file():
+        source, name = read_idx(images_file, fashion_mnist / "train-labels-idx1-ubyte.gz"), str(fashion_mnist)
+    else:
+        source, name = read_embedded(), "the bundled 3,000 Fashion-MNIST images"
+    import io
+
+    _, samples = source
+    images, labels = [], []
+    for sample in samples:
+        images.append(np.array(Image.open(io.BytesIO(sample.image_bytes)).convert("L")))
+        labels.append(sample.label)
+    return np.stack(images), np.asarray(labels), name
+
+
+def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    h = max(0, min(ay + ah, by + bh) - max(ay, by))
+    return w * h / (aw * ah + bw * bh - w * h)
+
+
+def make_canvas(rng: random.Random, images: np.ndarray, labels: np.ndarray, canvas: int, min_item: int,
+                max_item: int) -> tuple[np.ndarray, list[tuple[list[float], int]]]:
+    """A canvas [canvas, canvas] uint8 and its (tight box [x, y, w, h], category id) list."""
+    pixels = np.zeros((canvas, canvas), dtype=np.uint8)
+    placed: list[tuple[int, int, int, int]] = []
+    objects = []
+    for _ in range(rng.randint(1, 4)):
+        for _attempt in range(20):
+            size = rng.randint(min_item, max_item)
+            x, y = rng.randint(0, canvas - size), rng.randint(0, canvas - size)
+            if all(_iou((x, y, size, size), other) <= MAX_OVERLAP for other in placed):
+                break
+        else:
+            continue
+        index = rng.randrange(len(images))
+        item = np.array(Image.fromarray(images[index]).resize((size, size), Image.BILINEAR))
+        visible = np.argwhere(item > 10)
+        if len(visible) == 0:
+            continue
+        (top, left), (bottom, right) = visible.min(0), visible.max(0) + 1
+        pixels[y:y + size, x:x + size] = np.maximum(pixels[y:y + size, x:x + size], item)
+        placed.append((x, y, size, size))
+        objects.append(([float(x + left), float(y + top), float(right - left), float(bottom - top)],
+                        int(labels[index]) + 1))
+    return pixels, objects
+
+
+def write_coco_split(name: str, count: int, images: np.ndarray, labels: np.ndarray, out: Path, args,
+                     seed: int) -> Path:
+    """`count` canvases as out/<name>/NNNNNN.png + out/instances_<name>.json (COCO format); the JSON path."""
+    rng = random.Random(seed)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": CATEGORIES}
+    for image_id in range(1, count + 1):
+        pixels, objects = make_canvas(rng, images, labels, args.canvas, args.min_item, args.max_item)
+        file_name = f"{image_id:06d}.png"
+        Image.fromarray(pixels).convert("RGB").save(folder / file_name)
+        coco["images"].append({"id": image_id, "file_name": file_name, "width": args.canvas, "height": args.canvas})
+        for box, category in objects:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id,
+                                        "category_id": category, "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+    annotations = out / f"instances_{name}.json"
+    annotations.write_text(json.dumps(coco))
+    return annotations
+
+
+def make_dataset(work: Path, args) -> dict:
+    """The canvases (COCO JSON + PNGs) and their shards, unless written earlier; a description."""
+    shards = work / "shards"
+    described = work / "coco" / "dataset.json"
+    if (shards / "val" / "stats.json").is_file() and described.is_file():
+        print(f"\n== data: done earlier ({shards})")
+        return json.loads(described.read_text())
+    images, labels, source = load_items(Path(args.fashion_mnist), args.smoke)
+    split = len(images) * 5 // 6  # training canvases use items [0, split), held-out canvases the rest
+    coco = work / "coco"
+    description = {"items_from": source, "canvas": args.canvas, "item_size": [args.min_item, args.max_item],
+                   "objects_per_image": [1, 4], "splits": {}}
+    for name, count, (start, stop), seed in (("train", args.train_images, (0, split), 0),
+                                              ("val", args.val_images, (split, len(images)), 1)):
+        annotations = write_coco_split(name, count, images[start:stop], labels[start:stop], coco, args, seed)
+        source_set = read_coco(annotations, coco / name)
+        stats = write_detection_shards(source_set.images, shards / name, source_set.categories,
+                                       shard_size=max(1, count // 4), progress=False)[0]
+        description["splits"][name] = {"images": count, "boxes": stats["boxes"], "items": f"[{start}, {stop})"}
+    described.write_text(json.dumps(description, indent=2))
+    return description
+
+
+def smoke_mae(work: Path) -> Path:
+    """--smoke: a micro MAE trained for a few steps on the bundled images (the real run reuses the 3-epoch one)."""
+    from pretrain.cli import main as pretrain_main
+
+    mae = work / "mae"
+    if not (mae / "checkpoints").is_dir():
+        run("pretrain (smoke)", pretrain_main, [
+            "--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae}", f"data.cache_dir={work / 'embedded'}",
+            "data.train=embedded", "data.val=embedded", "train.epochs=1", "data.samples_per_epoch=64",
+            "train.batch_size=32", "data.num_workers=0", "num_pictures=0", "logging.wandb=disabled",
+            "logging.progress_bar=false", "train.overwrite=true"])
+    return mae
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fashion-mnist", default=str(REPO.parent / "shared/datasets/fashion-mnist"),
+                        help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz (absent: the bundled 3k)")
+    parser.add_argument("--work-dir", default=None, help="default: runs/bench_detr (--smoke: runs/bench_detr_smoke)")
+    parser.add_argument("--mae", default=str(REPO / "runs/bench_fmnist/mae"), help="the MAE run the backbone comes from")
+    parser.add_argument("--train-images", type=int, default=None, help="training canvases (default 4000; smoke 64)")
+    parser.add_argument("--val-images", type=int, default=None, help="held-out canvases (default 500; smoke 16)")
+    parser.add_argument("--canvas", type=int, default=64, help="canvas side in pixels")
+    parser.add_argument("--min-item", type=int, default=16)
+    parser.add_argument("--max-item", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true", help="tiny: bundled images, 64 canvases, a few steps")
+    parser.add_argument("--json", help="also write the figures as JSON to this path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for the DETR run")
+    args = parser.parse_args()
+    args.train_images = args.train_images or (64 if args.smoke else 4000)
+    args.val_images = args.val_images or (16 if args.smoke else 500)
+
+    work = Path(args.work_dir or ("runs/bench_detr_smoke" if args.smoke else "runs/bench_detr"))
+    seconds: dict[str, float] = {}
+    dataset = make_dataset(work, args)
+    mae = smoke_mae(work) if args.smoke else Path(args.mae)
+    out = work / "detr"
+    argv = ["--config", str(CONFIG), f"output_dir={out}", f"data.train={work / 'shards/train'}",
+            f"data.val={work / 'shards/val'}", f"backbone.checkpoint={mae}", "train.overwrite=true",
+            *(SMOKE if args.smoke else []), *args.overrides]
+    seconds["DETR training + evaluation"] = run("detr", finetune_main, argv)
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    print(f"\n## DETR on synthetic Fashion-MNIST canvases ({dataset['splits']['train']['images']} train / "
+          f"{dataset['splits']['val']['images']} held-out, {args.canvas}x{args.canvas} px)\n")
+    print("| epoch | train loss | AP | AP50 | AP75 | APs | APm | APl |")
+    print("|---|---|---|---|---|---|---|---|")
+    for record in metrics["history"]:
+        loss = record["train_loss"]
+        print(f"| {record['epoch']} | {loss:.3f} | " if loss is not None else f"| {record['epoch']} | - | ", end="")
+        print(" | ".join(f"{100 * record[k]:.1f}" if record[k] >= 0 else "-"
+                         for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + " |")
+    print(f"\nAP x 100 on {metrics['num_images']} held-out canvases (-: no true boxes of that size); "
+          f"{seconds['DETR training + evaluation']:.0f} s of training and evaluation; pictures in {out / 'boxes.png'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"dataset": dataset, "seconds": seconds, "metrics": metrics}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
