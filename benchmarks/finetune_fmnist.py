@@ -95,7 +95,8 @@ def main() -> None:
     distill_epochs = epochs_of(DISTILL_CONFIG, args.distill_epochs)
     runs_b = {
         kind: finetune(f"student, distillation {kind}", DISTILL_CONFIG, work / f"distill_{kind}",
-                       [*common, f"distillation.kind={kind}", f"distillation.teacher={teacher_dir}"], distill_epochs, seconds)
+                       [*common, f"distillation.kind={kind}", f"distillation.teacher={teacher_dir}"],
+                       distill_epochs, seconds)
         for kind in ("none", "soft", "hard")
     }
 
@@ -106,6 +107,7 @@ def main() -> None:
         "finetune": {"config": str(FINETUNE_CONFIG.relative_to(REPO)), "epochs": finetune_epochs,
                      "runs": {name: summary(m) for name, m in runs_a.items()}},
         "distillation": {"config": str(DISTILL_CONFIG.relative_to(REPO)), "epochs": distill_epochs,
+                         "training_images_per_epoch": runs_b["none"]["num_train"],
                          "teacher": {"run": str(teacher_dir), "best_top1": teacher["best_top1"]},
                          "runs": {kind: summary(m) for kind, m in runs_b.items()}},
         "seconds": seconds,
@@ -115,8 +117,8 @@ def main() -> None:
     print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")
     for name, m in runs_a.items():
         print(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['best_top1']:.2f} ({m['best_epoch']}) |")
-    print(f"\n(b) DeiT distillation, {distill_epochs} epoch(s); teacher: the finetuned MAE ViT, best top-1 "
-          f"{teacher['best_top1']:.2f}%\n")
+    print(f"\n(b) DeiT distillation, {distill_epochs} epoch(s) of {runs_b['none']['num_train']} images; teacher: the "
+          f"finetuned MAE ViT, best top-1 {teacher['best_top1']:.2f}%\n")
     print("| student distillation | top-1 (%) | top-5 (%) | class head top-1 (%) | distillation head top-1 (%) |"
           "\n|---|---|---|---|---|")
     for kind, m in runs_b.items():
