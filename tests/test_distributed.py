@@ -67,7 +67,8 @@ def test_two_process_linear_probe_counts_every_evaluation_image_once(two_process
 
 def test_two_process_clip_training_logs_once_and_exports(tiny_pair_shards, tmp_path):
     """The contrastive loss and gradients of 2 processes equal 1 process's: tests/test_clip.py. Here: the real
-    entry point under torchrun."""
+    entry point under torchrun. data.val stays the demo's "embedded", whose caption pairs the main process writes
+    inside the process group (that once crashed in webdataset's single-node check)."""
     from clip_helpers import write_tiny_clip_config
 
     config = write_tiny_clip_config(tmp_path)
