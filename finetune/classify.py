@@ -29,7 +29,7 @@ from data import ShardStream, SkipGuard, count_samples, eval_transform
 from data import make_loader as make_data_loader
 from data.transforms import ToNormalizedTensor, ToRGB
 from pretrain.config import ConfigError, DataConfig, to_dict
-from pretrain.datasets import read_class_names, resolve_shards
+from pretrain.datasets import read_class_names, resolve_shards, training_loader_factory
 from pretrain.engine import Trainer, make_accelerator, prepare_output_dir
 
 from .classifiers import BEST_DIR, FINETUNE_OBJECTIVE, LAST_DIR, SPEC_KEY, build_classifier, classifier_from_checkpoint
@@ -377,14 +377,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     )
     transform = finetune_train_transform(cfg.data, cfg.augment)
 
-    def make_loader(start_batch: int, rank: int, world_size: int):
-        stream = ShardStream(
-            train_shards, transform, cfg.train.batch_size, train=True, seed=cfg.train.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size, start_batch=start_batch,
-            resampled=cfg.data.resampled, weights=cfg.data.weights, decode_size=cfg.data.decode_size,
-            max_skip_rate=cfg.data.max_skip_rate,
-        )
-        return make_data_loader(stream, cfg.data.num_workers)
 
     summary = {"model": description, "classifier": type(model).__name__, "distillation": cfg.distillation.kind,
                "teacher": teacher_description, "num_classes": num_classes, "num_train": samples_per_epoch}
@@ -392,7 +384,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     trainer = Trainer(
         model=model,
         task=task,
-        make_loader=make_loader,
+        make_loader=training_loader_factory(train_shards, transform, cfg.data, cfg.train),
         samples_per_epoch=samples_per_epoch,
         train=cfg.train,
         optim=cfg.optim,

@@ -28,6 +28,7 @@ from data import detection_eval_transform, detection_train_transform
 from data import make_loader as make_data_loader
 from pretrain.checkpoint import CheckpointError, load_model_file, load_state_dict_checked
 from pretrain.config import ConfigError, to_dict
+from pretrain.datasets import training_loader_factory
 from pretrain.engine import Schedule, Trainer, make_accelerator, prepare_output_dir
 
 from .classifiers import BEST_DIR, LAST_DIR, build_classifier, create_classifier
@@ -306,14 +307,6 @@ def run_detr(cfg: DetrConfig) -> dict[str, Any]:
     transform = detection_train_transform(augment.scales, augment.max_size, augment.crop_scales, augment.crop_size,
                                           cfg.data.mean, cfg.data.std)
 
-    def make_loader(start_batch: int, rank: int, world_size: int):
-        stream = ShardStream(
-            cfg.data.train, transform, cfg.train.batch_size, train=True, kind="detection", seed=cfg.train.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size, start_batch=start_batch,
-            resampled=cfg.data.resampled, weights=cfg.data.weights, decode_size=cfg.data.decode_size,
-            max_skip_rate=cfg.data.max_skip_rate,
-        )
-        return make_data_loader(stream, cfg.data.num_workers)
 
     summary = {"model": description, "backbone": type(backbone.trunk).__name__, "backbone_stride": backbone.stride,
                "num_classes": num_classes, "categories": categories, "num_train": samples_per_epoch,
@@ -322,7 +315,7 @@ def run_detr(cfg: DetrConfig) -> dict[str, Any]:
     trainer = Trainer(
         model=model,
         task=task,
-        make_loader=make_loader,
+        make_loader=training_loader_factory(cfg.data.train, transform, cfg.data, cfg.train, kind="detection"),
         samples_per_epoch=samples_per_epoch,
         train=cfg.train,
         optim=cfg.optim,

@@ -14,9 +14,10 @@ from data import (
     ensure_embedded_shards,
     eval_transform,
     expand_shards,
+    make_loader,
 )
 
-from .config import DataConfig
+from .config import DataConfig, TrainConfig
 
 EMBEDDED = "embedded"
 
@@ -37,6 +38,23 @@ def resolve_shards(data: DataConfig, output_dir: Path, accelerator, captions: bo
         if spec is not None:
             expand_shards(spec)  # a missing shard or folder fails here, naming it
     return train, val
+
+
+def training_loader_factory(shards: str, transform, data: DataConfig, train: TrainConfig, kind: str = "labelled",
+                            tokenizer=None):
+    """The Trainer's `make_loader(start_batch, rank, world_size)`: this rank's share of the training stream, as the
+    run's `data` and `train` sections configure it, resuming after `start_batch` batches."""
+
+    def make(start_batch: int, rank: int, world_size: int):
+        stream = ShardStream(
+            shards, transform, train.batch_size, train=True, kind=kind, tokenizer=tokenizer, seed=train.seed,
+            shuffle_buffer=data.shuffle_buffer, rank=rank, world_size=world_size, start_batch=start_batch,
+            resampled=data.resampled, weights=data.weights, decode_size=data.decode_size,
+            max_skip_rate=data.max_skip_rate,
+        )
+        return make_loader(stream, data.num_workers)
+
+    return make
 
 
 def read_class_names(spec: str) -> list[str]:

@@ -6,11 +6,10 @@ import json
 import logging
 from typing import Any
 
-from data import ShardStream, SkipGuard, clip_train_transform, count_samples
-from data import make_loader as make_data_loader
+from data import SkipGuard, clip_train_transform, count_samples
 
 from .config import CLIPPretrainConfig, ConfigError, to_dict
-from .datasets import resolve_shards
+from .datasets import resolve_shards, training_loader_factory
 from .engine import Trainer, make_accelerator, prepare_output_dir
 from .tasks import CLIPTask
 from .visualize import save_loss_curve
@@ -44,20 +43,13 @@ def run_clip(cfg: CLIPPretrainConfig) -> dict[str, Any]:
     tokenizer = tokenizer_for(name)
     transform = clip_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
 
-    def make_loader(start_batch: int, rank: int, world_size: int):
-        stream = ShardStream(
-            train_shards, transform, cfg.train.batch_size, train=True, kind="image-text", tokenizer=tokenizer,
-            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size,
-            start_batch=start_batch, resampled=cfg.data.resampled, weights=cfg.data.weights,
-            decode_size=cfg.data.decode_size, max_skip_rate=cfg.data.max_skip_rate,
-        )
-        return make_data_loader(stream, cfg.data.num_workers)
 
     trainer = Trainer(
         model=model,
         task=CLIPTask(cfg.model.local_loss, cfg.model.gather_with_grad, rank=accelerator.process_index,
                       world_size=accelerator.num_processes),
-        make_loader=make_loader,
+        make_loader=training_loader_factory(train_shards, transform, cfg.data, cfg.train, kind="image-text",
+                                            tokenizer=tokenizer),
         samples_per_epoch=samples_per_epoch,
         train=cfg.train,
         optim=cfg.optim,

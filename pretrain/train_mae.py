@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from data import ShardStream, SkipGuard, count_samples, mae_train_transform
-from data import make_loader as make_data_loader
+from data import SkipGuard, count_samples, mae_train_transform
 
 from .config import ConfigError, MAEPretrainConfig, to_dict
-from .datasets import first_images, resolve_shards
+from .datasets import first_images, resolve_shards, training_loader_factory
 from .engine import Trainer, make_accelerator, prepare_output_dir
 from .models import create_model
 from .tasks import MAETask
@@ -44,19 +43,11 @@ def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
 
     transform = mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
 
-    def make_loader(start_batch: int, rank: int, world_size: int):
-        stream = ShardStream(
-            train_shards, transform, cfg.train.batch_size, train=True, seed=cfg.train.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size, start_batch=start_batch,
-            resampled=cfg.data.resampled, weights=cfg.data.weights, decode_size=cfg.data.decode_size,
-            max_skip_rate=cfg.data.max_skip_rate,
-        )
-        return make_data_loader(stream, cfg.data.num_workers)
 
     trainer = Trainer(
         model=model,
         task=MAETask(cfg.model.mask_ratio),
-        make_loader=make_loader,
+        make_loader=training_loader_factory(train_shards, transform, cfg.data, cfg.train),
         samples_per_epoch=samples_per_epoch,
         train=cfg.train,
         optim=cfg.optim,
