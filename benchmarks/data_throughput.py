@@ -57,6 +57,7 @@ from data import (
     IMAGENET_STD,
     FASHION_MNIST_CLASSES,
     STATS_FILE,
+    ShardOptions,
     ShardStream,
     mae_train_transform,
     make_loader,
@@ -144,8 +145,9 @@ def ensure_shards(image_dir: Path, shard_dir: Path, images_info: dict, num_shard
     print(f"writing shards to {shard_dir} ...", flush=True)
     class_names, samples = read_image_folder(image_dir)
     # Several shards per reading slot, as in real use; with fewer shards than slots every slot reads all of them.
-    write_labelled_shards(samples, shard_dir, class_names, shard_size=math.ceil(len(samples) / num_shards),
-                          strict=True, progress=False, metadata={"bench_images": images_info["settings"]})
+    options = ShardOptions(shard_size=math.ceil(len(samples) / num_shards), strict=True, progress=False)
+    write_labelled_shards(samples, shard_dir, class_names, options=options,
+                          metadata={"bench_images": images_info["settings"]})
 
 
 # ------------------------------------------------------------------------------------------------ readers

@@ -29,7 +29,14 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data import FASHION_MNIST_CLASSES, read_coco, read_embedded, read_idx, write_detection_shards  # noqa: E402
+from data import (  # noqa: E402
+    FASHION_MNIST_CLASSES,
+    ShardOptions,
+    read_coco,
+    read_embedded,
+    read_idx,
+    write_detection_shards,
+)
 from finetune.cli import main as finetune_main  # noqa: E402
 
 from fmnist_steps import run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
@@ -130,8 +137,9 @@ def make_dataset(work: Path, args) -> dict:
                                               ("val", args.val_images, (split, len(images)), 1)):
         annotations = write_coco_split(name, count, images[start:stop], labels[start:stop], coco, args, seed)
         source_set = read_coco(annotations, coco / name)
-        stats = write_detection_shards(source_set.images, shards / name, source_set.categories,
-                                       shard_size=max(1, count // 4), progress=False)[0]
+        [written] = write_detection_shards(source_set.images, shards / name, source_set.categories,
+                                           options=ShardOptions(shard_size=max(1, count // 4), progress=False))
+        stats = written.stats
         description["splits"][name] = {"images": count, "boxes": stats["boxes"], "items": f"[{start}, {stop})"}
     described.write_text(json.dumps(description, indent=2))
     return description
@@ -175,7 +183,7 @@ def main() -> None:
     mae = smoke_mae(work) if args.smoke else Path(args.mae)
     out = work / "detr"
     argv = ["--config", str(CONFIG), f"output_dir={out}", f"data.train={work / 'shards/train'}",
-            f"data.val={work / 'shards/val'}", f"backbone.checkpoint={mae}", "train.overwrite=true",
+            f"data.val={work / 'shards/val'}", f"encoder.checkpoint={mae}", "train.overwrite=true",
             *(SMOKE if args.smoke else []), *args.overrides]
     seconds["DETR training + evaluation"] = run("detr", finetune_main, argv)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -47,9 +47,10 @@ def main() -> None:
         seconds["MAE pretraining"] = run("pretrain", pretrain_main, pretrain_argv)
 
     probes = {
-        "MAE pretrained": ["encoder.kind=vit", f"encoder.checkpoint={mae_dir}"],
-        "random init (same ViT)": ["encoder.kind=vit", "encoder.checkpoint=null"],
-        "raw pixels": ["encoder.kind=pixels"],
+        "MAE pretrained": ["encoder.source=mae", f"encoder.checkpoint={mae_dir}"],
+        "random init (same ViT)": ["encoder.source=mae", "encoder.checkpoint=null",
+                                   "encoder.model_name=mae_vit_tiny_patch4"],
+        "raw pixels": ["encoder.source=pixels", "encoder.checkpoint=null"],
     }
     rows = []
     for name, encoder_args in probes.items():

@@ -40,7 +40,7 @@ after the timing with glibc told to return every block of 256 kB or more to the 
 that the RSS follows the live tensors. (ru_maxrss of a subprocess per row would count torch.compile's own memory
 and the process's start-up instead.)
 
-On a CPU without bf16 matmul units (`pretrain.engine.cpu_has_fast_bf16()` False, e.g. AVX2-only) bf16 runs ~100x
+On a CPU without bf16 matmul units (`pretrain.run.cpu_has_fast_bf16()` False, e.g. AVX2-only) bf16 runs ~100x
 slower than float32, so its rows are skipped unless asked for with `--precisions bf16`; the measured bf16 matmul
 rate is printed as the reason.
 """
@@ -70,7 +70,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pretrain.config import OptimConfig, TrainConfig  # noqa: E402
-from pretrain.engine import build_optimizer, compile_for_training, cpu_has_fast_bf16  # noqa: E402
+from pretrain.engine import build_optimizer, compile_for_training  # noqa: E402
+from pretrain.run import cpu_has_fast_bf16  # noqa: E402
 from pretrain.models import create_model  # noqa: E402
 
 TARGET_VS_HF = 1.25

@@ -1,11 +1,13 @@
 """Images as WebDataset shards: write them (labelled, image-text pairs, COCO detection), stream them back.
 
-Writing:   sources (read_idx, read_image_folder, read_manifest) -> write_labelled_shards / write_split
+Writing:   sources (read_idx, read_image_folder, read_manifest) -> write_labelled_shards
            image-text pairs (read_pair_manifest, read_pair_folder) -> write_pair_shards; decode_pair
            COCO detection (read_coco) -> write_detection_shards; decode_detection, coco_ground_truth
-           all share ImageOptions (keep bytes, or shrink + JPEG), workers, strict, sizes.json/shards.txt
+           every writer takes ShardOptions (sizes, strict, workers, ImageOptions: keep bytes or shrink + JPEG) and
+           val_fraction/seed, writes sizes.json/shards.txt/stats.json, returns a WrittenShards per directory
 Reading:   expand_shards / expand_sources ("a::b" mixes sources), count_samples -> ShardStream (kind "labelled",
            "image-text" or "detection"; evaluation, finite epochs or resampled) -> make_loader; SkipGuard
+           read_shard_stats, read_class_names, read_categories: the stats.json beside the shards
            transforms per objective: mae_train_transform, eval_transform, clip_*_transform, detection_*_transform
 Offline:   ensure_embedded_shards (3000 Fashion-MNIST images shipped with the package), ensure_embedded_pair_shards
            (the same with captions written from the labels, data.captions)
@@ -25,7 +27,7 @@ from .guard import SkipGuard
 from .images import ImageOptions
 from .pairs import ImageTextPair, decode_pair, read_pair_folder, read_pair_manifest, write_pair_shards
 from .samples import DetectionSamples, ImageTextSamples, LabelledSamples
-from .shards import count_samples, expand_shards, expand_sources
+from .shards import count_samples, expand_shards, expand_sources, read_categories, read_class_names, read_shard_stats
 from .sources import IMAGE_EXTENSIONS, LabelledImage, LabelledSource, read_idx, read_image_folder, read_manifest
 from .stream import ShardStream, make_loader
 from .transforms import (
@@ -40,7 +42,15 @@ from .transforms import (
     eval_transform,
     mae_train_transform,
 )
-from .writer import SHARD_LIST_FILE, SIZES_FILE, STATS_FILE, ShardWriter, write_labelled_shards, write_split
+from .writer import (
+    SHARD_LIST_FILE,
+    SIZES_FILE,
+    STATS_FILE,
+    ShardOptions,
+    ShardWriter,
+    WrittenShards,
+    write_labelled_shards,
+)
 
 __all__ = [
     "CocoImage",
@@ -63,9 +73,11 @@ __all__ = [
     "SHARD_LIST_FILE",
     "SIZES_FILE",
     "STATS_FILE",
+    "ShardOptions",
     "ShardStream",
     "ShardWriter",
     "SkipGuard",
+    "WrittenShards",
     "clip_eval_transform",
     "clip_train_transform",
     "coco_ground_truth",
@@ -87,11 +99,13 @@ __all__ = [
     "read_embedded",
     "read_idx",
     "read_image_folder",
+    "read_categories",
+    "read_class_names",
     "read_manifest",
     "read_pair_folder",
     "read_pair_manifest",
+    "read_shard_stats",
     "write_detection_shards",
     "write_labelled_shards",
     "write_pair_shards",
-    "write_split",
 ]

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .captions import captioned_pairs, read_class_names
+from .captions import captioned_pairs
 from .detection import read_coco, write_detection_shards
 from .embedded import read_embedded
 from .errors import DataError
 from .images import ImageOptions
 from .pairs import read_pair_folder, read_pair_manifest, write_pair_shards
-from .shards import expand_shards
+from .shards import expand_shards, read_class_names
 from .sources import read_idx, read_image_folder, read_manifest
-from .writer import write_labelled_shards, write_split
+from .writer import ShardOptions, WrittenShards, write_labelled_shards
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,30 +85,27 @@ def _read_labelled(args):
     return read_embedded()
 
 
-def _write(args, options: dict) -> list[tuple[str, dict]]:
-    """Write the shards the arguments ask for; returns (directory, stats) for each directory written."""
-    split = dict(val_fraction=args.val_fraction, seed=args.seed)
+def _write(args, options: ShardOptions) -> list[WrittenShards]:
+    """Write the shards the arguments ask for."""
+    every_kind = dict(val_fraction=args.val_fraction, seed=args.seed, options=options)
     if args.command == "pairs":
         pairs = read_pair_manifest(args.manifest) if args.manifest else read_pair_folder(args.folder)
-        stats = write_pair_shards(pairs, args.out, **split, **options)
-    elif args.command == "captions":
+        return write_pair_shards(pairs, args.out, **every_kind)
+    if args.command == "captions":
         shards = expand_shards(args.shards)
         pairs = captioned_pairs(shards, read_class_names(shards), seed=args.seed)
-        stats = write_pair_shards(pairs, args.out, **split, **options)
-    elif args.command == "coco":
+        return write_pair_shards(pairs, args.out, **every_kind)
+    if args.command == "coco":
         categories, images = read_coco(args.annotations, args.images)
-        stats = write_detection_shards(images, args.out, categories, **split, **options)
-    else:
-        class_names, samples = _read_labelled(args)
-        if args.val_fraction > 0:
-            stats = write_split(samples, args.out, class_names, args.val_fraction, args.seed, **options)
-        else:
-            stats = [write_labelled_shards(samples, args.out, class_names, **options)]
-    names = [args.out] if len(stats) == 1 else [f"{args.out}/train", f"{args.out}/val"]
-    return list(zip(names, stats))
+        return write_detection_shards(images, args.out, categories, **every_kind)
+    class_names, samples = _read_labelled(args)
+    return write_labelled_shards(samples, args.out, class_names, **every_kind)
 
 
-def _summary(name: str, stats: dict) -> str:
+def _summary(out: str, written: WrittenShards) -> str:
+    stats = written.stats
+    relative = written.directory.relative_to(out)
+    name = out if relative == Path(".") else f"{out}/{relative.as_posix()}"  # as typed: OUT, OUT/train, OUT/val
     skipped = ", ".join(f"{reason}={n}" for reason, n in stats["skipped"].items()) or "none"
     what = ""
     if "classes" in stats:
@@ -131,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             image_options = ImageOptions(args.resize_shorter, args.jpeg_quality)
         except ValueError as error:
             raise DataError(f"--resize-shorter/--jpeg-quality: {error}") from None
-        options = dict(shard_size=args.shard_size, max_bytes=args.max_shard_bytes, strict=args.strict,
-                       progress=not args.no_progress, workers=args.workers, image_options=image_options)
-        for name, stats in _write(args, options):
-            print(_summary(name, stats))
+        options = ShardOptions(shard_size=args.shard_size, max_bytes=args.max_shard_bytes, strict=args.strict,
+                               progress=not args.no_progress, workers=args.workers, image_options=image_options)
+        for written in _write(args, options):
+            print(_summary(args.out, written))
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -78,20 +78,6 @@ def labelled_shard_samples(shards: Sequence[str]) -> Iterator[tuple[str, str, by
         yield sample["__key__"], ext, sample[ext], int(sample["cls"].decode().strip())
 
 
-def read_class_names(shards: Sequence[str]) -> list[str]:
-    """The class names in the stats.json beside labelled shards (written by `python -m data`)."""
-    import json
-
-    from .errors import DataError
-    from .writer import STATS_FILE
-
-    stats_file = Path(shards[0]).parent / STATS_FILE
-    classes = json.loads(stats_file.read_text()).get("classes") if stats_file.is_file() else None
-    if not classes:
-        raise DataError(f"no class names for {shards[0]}: {stats_file} is missing or lists no classes")
-    return list(classes)
-
-
 def captioned_pairs(shards: Sequence[str], class_names: Sequence[str], seed: int = 0) -> Iterator[ImageTextPair]:
     """Image-text pairs from labelled shards: each image with one caption for its class (reproducible by seed)."""
     rng = random.Random(seed)

@@ -12,7 +12,7 @@ Boxes with no area, or beyond the image by more than BOX_TOLERANCE pixels, are d
 without annotations are kept with empty lists. Resizing (ImageOptions.resize_shorter) scales boxes and areas.
 
     source = read_coco("instances_val2017.json", "val2017/")
-    write_detection_shards(source.images, "shards/", source.categories, workers=4)
+    write_detection_shards(source.images, "shards/", source.categories, options=ShardOptions(workers=4))
     ground_truth = coco_ground_truth("shards/")
 """
 
@@ -31,7 +31,7 @@ from PIL import Image
 from .errors import DataError
 from .images import ImageOptions, SampleSkipped, decode_checked, decode_image, encode_for_shard
 from .sources import SizedIterable, _key_for
-from .writer import STATS_FILE, Prepared, Tally, write_shards
+from .writer import STATS_FILE, Prepared, ShardOptions, Tally, WrittenShards, write_shards
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (annotation tools round outwards)
 
@@ -192,21 +192,15 @@ def write_detection_shards(
     *,
     val_fraction: float = 0.0,
     seed: int = 0,
-    shard_size: int = 1000,
-    max_bytes: int | None = None,
-    strict: bool = False,
-    progress: bool = True,
-    workers: int = 0,
-    image_options: ImageOptions = ImageOptions(),
+    options: ShardOptions = ShardOptions(),
     metadata: dict | None = None,
-) -> list[dict]:
-    """Check and write one sample per image; returns the stats.json dicts: [stats], or [train, val] with a val
-    split (see `write_shards`). Unreadable images are skipped, bad boxes dropped, both counted by reason
-    (strict=True: the first one raises DataError naming the image and annotation)."""
-    return write_shards(images, partial(_prepare_coco_image, image_options=image_options), out_dir,
-                        new_tally=partial(_BoxTally, list(categories)), val_fraction=val_fraction, seed=seed,
-                        shard_size=shard_size, max_bytes=max_bytes, strict=strict, progress=progress,
-                        workers=workers, metadata={"kind": "detection", **(metadata or {})})
+) -> list[WrittenShards]:
+    """Check and write one sample per image: [out_dir], or [train, val] with a val split (see `write_shards`).
+    Unreadable images are skipped, bad boxes dropped, both counted by reason (options.strict: the first one raises
+    DataError naming the image and annotation)."""
+    return write_shards(images, _prepare_coco_image, out_dir, new_tally=partial(_BoxTally, list(categories)),
+                        val_fraction=val_fraction, seed=seed, options=options,
+                        metadata={"kind": "detection", **(metadata or {})})
 
 
 # ------------------------------------------------------------------------------------------------ reading back

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .sources import read_idx
-from .writer import STATS_FILE, write_split
+from .writer import STATS_FILE, ShardOptions, write_labelled_shards
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_IMAGES = EMBEDDED_DIR / "fashion-mnist-3k-images-idx3-ubyte.gz"
@@ -55,6 +55,8 @@ def ensure_embedded_shards(cache_dir, val_fraction: float = 0.1, seed: int = 0,
 
     Idempotent: when both stats.json files exist (for the same split settings) it returns at once.
     """
+    if not 0.0 < val_fraction < 1.0:  # 0 would write no split, and no val/ to return
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     cache_dir = Path(cache_dir)
     train_dir, val_dir = cache_dir / "train", cache_dir / "val"
     split = {"source": "fashion-mnist-3k", "val_fraction": val_fraction, "seed": seed, "shard_size": shard_size}
@@ -64,8 +66,9 @@ def ensure_embedded_shards(cache_dir, val_fraction: float = 0.1, seed: int = 0,
     with _exclusive_lock(cache_dir / ".write.lock"):
         if not _is_complete(train_dir, val_dir, split):  # another process may have finished while we waited
             class_names, samples = read_embedded()
-            write_split(samples, cache_dir, class_names, val_fraction, seed, shard_size=shard_size,
-                        progress=False, metadata={"split": split})
+            write_labelled_shards(samples, cache_dir, class_names, val_fraction=val_fraction, seed=seed,
+                                  options=ShardOptions(shard_size=shard_size, progress=False),
+                                  metadata={"split": split})
     return str(train_dir), str(val_dir)
 
 
@@ -85,5 +88,6 @@ def ensure_embedded_pair_shards(cache_dir, seed: int = 0) -> tuple[str, str]:
         with _exclusive_lock(Path(cache_dir) / ".write.lock"):
             if not (stats_file.is_file() and json.loads(stats_file.read_text()).get("made_from") == made_from):
                 pairs = captioned_pairs(expand_shards(train_dir), FASHION_MNIST_CLASSES, seed=seed)
-                write_pair_shards(pairs, pairs_dir, shard_size=500, progress=False, metadata={"made_from": made_from})
+                write_pair_shards(pairs, pairs_dir, options=ShardOptions(shard_size=500, progress=False),
+                                  metadata={"made_from": made_from})
     return str(pairs_dir), val_dir

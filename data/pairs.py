@@ -5,7 +5,7 @@ A stored sample is {"__key__", "<ext>": image bytes, "txt": caption (UTF-8)}; st
 statistics (characters and words) to the usual counts. Pairs without a caption are skipped and counted.
 
     pairs = read_pair_manifest("captions.csv")        # columns path,caption (or image,text)
-    write_pair_shards(pairs, "shards/", workers=4)
+    write_pair_shards(pairs, "shards/", options=ShardOptions(workers=4))
     image, caption = decode_pair(raw_sample)
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,7 +21,7 @@ from PIL import Image
 from .errors import DataError
 from .images import ImageOptions, SampleSkipped, decode_checked, decode_image, encode_for_shard
 from .sources import IMAGE_EXTENSIONS, SizedIterable, _image_ext, _key_for, manifest_records, resolve_relative
-from .writer import Prepared, Tally, write_shards
+from .writer import Prepared, ShardOptions, Tally, WrittenShards, write_shards
 
 PAIR_COLUMNS = {"path": ("path", "image"), "caption": ("caption", "text")}
 
@@ -134,21 +133,14 @@ def write_pair_shards(
     *,
     val_fraction: float = 0.0,
     seed: int = 0,
-    shard_size: int = 1000,
-    max_bytes: int | None = None,
-    strict: bool = False,
-    progress: bool = True,
-    workers: int = 0,
-    image_options: ImageOptions = ImageOptions(),
+    options: ShardOptions = ShardOptions(),
     metadata: dict | None = None,
-) -> list[dict]:
-    """Check and write every pair; returns the stats.json dicts: [stats], or [train, val] with a val split
-    (`out_dir/train/`, `out_dir/val/`; see `write_shards`). Missing captions and unreadable images are skipped
-    and counted by reason (strict=True: the first one raises DataError naming its source)."""
-    return write_shards(pairs, partial(_prepare_pair, image_options=image_options), out_dir,
-                        new_tally=_CaptionTally, val_fraction=val_fraction, seed=seed, shard_size=shard_size,
-                        max_bytes=max_bytes, strict=strict, progress=progress, workers=workers,
-                        metadata={"kind": "image-text", **(metadata or {})})
+) -> list[WrittenShards]:
+    """Check and write every pair: [out_dir], or [train, val] with a val split (`out_dir/train/`,
+    `out_dir/val/`; see `write_shards`). Missing captions and unreadable images are skipped and counted by reason
+    (options.strict: the first one raises DataError naming its source)."""
+    return write_shards(pairs, _prepare_pair, out_dir, new_tally=_CaptionTally, val_fraction=val_fraction, seed=seed,
+                        options=options, metadata={"kind": "image-text", **(metadata or {})})
 
 
 # ------------------------------------------------------------------------------------------------ reading back

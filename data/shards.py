@@ -1,4 +1,5 @@
-"""Turn a shard specification into a list of tar files, and count the samples in them.
+"""Turn a shard specification into a list of tar files, count the samples in them, and read the stats.json that
+`python -m data` writes beside them (`read_shard_stats`, `read_class_names`, `read_categories`).
 
 A spec may be a brace pattern (`dir/train-{000000..000003}.tar`), a directory (all `*.tar`, sorted), a `.txt`
 file listing one shard per line (relative to the list file), a comma-separated string of any of these, or a
@@ -109,6 +110,44 @@ def expand_sources(spec, weights=None) -> list[tuple[list[str], float]]:
     return [(expand_shards(source), weight) for source, weight in zip(specs, weights)]
 
 
+def _load_stats(stats_file: Path) -> dict:
+    try:
+        return json.loads(stats_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{stats_file}: cannot read shard statistics ({error})") from error
+
+
+def _stats_beside(spec) -> tuple[Path, dict]:
+    """(the stats.json beside the first shard of `spec`, its contents)."""
+    stats_file = Path(expand_shards(spec)[0]).parent / STATS_FILE
+    if not stats_file.is_file():
+        raise DataError(f"{stats_file} does not exist: shard statistics are written by `python -m data` "
+                        f"beside the shards")
+    return stats_file, _load_stats(stats_file)
+
+
+def read_shard_stats(spec) -> dict:
+    """The stats.json beside the first shard of `spec` (anything `expand_shards` takes, e.g. a list of shards)."""
+    return _stats_beside(spec)[1]
+
+
+def read_class_names(spec) -> list[str]:
+    """The class names of labelled shards (label i is the i-th name), from their stats.json."""
+    stats_file, stats = _stats_beside(spec)
+    if not stats.get("classes"):
+        raise DataError(f"{stats_file} lists no classes: these are not labelled shards")
+    return list(stats["classes"])
+
+
+def read_categories(spec) -> list[dict]:
+    """The categories ({"id", "name"}, in file order) of detection shards, from their stats.json."""
+    stats_file, stats = _stats_beside(spec)
+    if not stats.get("categories"):
+        raise DataError(f"{stats_file} lists no categories: data.train must be detection shards written by "
+                        f"`python -m data coco` / data.write_detection_shards")
+    return list(stats["categories"])
+
+
 def _scan_count(shard: str) -> int:
     return sum(1 for _ in tarfile_samples([{"url": shard}], handler=reraise_exception))
 
@@ -125,7 +164,7 @@ def count_samples(shards) -> int:
     total, scanned = 0, []
     for directory, dir_shards in by_dir.items():
         stats_file = directory / STATS_FILE
-        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        stats = _load_stats(stats_file) if stats_file.is_file() else {}
         names = [Path(s).name for s in dir_shards]
         if "shard_counts" not in stats and set(names) == set(stats.get("shards", [])) and "samples" in stats:
             total += stats["samples"]  # a stats.json without per-shard counts still covers the whole directory

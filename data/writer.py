@@ -13,6 +13,7 @@ partial shard under a final name.
 Every kind of data (labelled images here, image-text pairs in `pairs.py`, detection in `detection.py`) goes
 through one engine, `write_shards`: a `prepare` function turns a source item into a `Prepared` sample (decoding
 and re-encoding its image, possibly in a thread pool), and a `Tally` keeps that kind's statistics for stats.json.
+Every writer takes one `ShardOptions` and returns a `WrittenShards` per directory it completed.
 """
 
 from __future__ import annotations
@@ -125,6 +126,38 @@ class ShardWriter:
 # ------------------------------------------------------------------------------------------------ the engine
 
 
+@dataclass(frozen=True)
+class ShardOptions:
+    """How every writer writes, whatever the kind of data.
+
+    shard_size: samples per shard. max_bytes: optional limit on a shard's payload bytes.
+    strict: the first sample that would be skipped (or lose a part) raises DataError naming its source.
+    progress: a progress bar on stderr. workers: threads preparing images (0: the calling thread); same output.
+    image_options: keep the original bytes (the default) or re-encode (see ImageOptions).
+    """
+
+    shard_size: int = 1000
+    max_bytes: int | None = None
+    strict: bool = False
+    progress: bool = True
+    workers: int = 0
+    image_options: ImageOptions = ImageOptions()
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class WrittenShards:
+    """One shard directory a writer completed, and the stats.json it wrote there."""
+
+    directory: Path
+    stats: dict
+
+
 @dataclass
 class Prepared:
     """One source item made ready for a shard, or the reason it is left out.
@@ -183,13 +216,13 @@ def _prepared_in_order(items: Iterable, prepare: Callable[..., Prepared], worker
 class _ShardSink:
     """Feeds one ShardWriter with prepared samples, counts what was skipped and writes the index files."""
 
-    def __init__(self, out_dir, prefix: str, shard_size: int, max_bytes: int | None, strict: bool, tally: Tally):
-        self.out_dir, self.prefix, self.strict, self.tally = Path(out_dir), prefix, strict, tally
+    def __init__(self, out_dir, prefix: str, options: ShardOptions, tally: Tally):
+        self.out_dir, self.prefix, self.strict, self.tally = Path(out_dir), prefix, options.strict, tally
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for name in (STATS_FILE, SIZES_FILE, SHARD_LIST_FILE):
             # stats.json marks a complete directory; drop an old one (and its indexes) before rewriting the shards.
             (self.out_dir / name).unlink(missing_ok=True)
-        self.writer = ShardWriter(self.out_dir, prefix, shard_size, max_bytes)
+        self.writer = ShardWriter(self.out_dir, prefix, options.shard_size, options.max_bytes)
         self.skipped, self.dropped = Counter(), Counter()
         self.skipped_examples: list[dict] = []
         self.dropped_examples: list[dict] = []
@@ -217,7 +250,7 @@ class _ShardSink:
         temp.write_text(text)
         os.replace(temp, self.out_dir / name)
 
-    def finish(self, metadata: dict | None = None) -> dict:
+    def finish(self, metadata: dict | None = None) -> WrittenShards:
         self.writer.close()
         self._remove_stale_shards()
         stats = {
@@ -237,7 +270,7 @@ class _ShardSink:
         self._write_atomically(SIZES_FILE, json.dumps(self.writer.shard_counts, indent=2) + "\n")
         self._write_atomically(SHARD_LIST_FILE, "".join(f"{name}\n" for name in self.writer.shards))
         self._write_atomically(STATS_FILE, json.dumps(stats, indent=2) + "\n")  # last: marks completion
-        return stats
+        return WrittenShards(self.out_dir, stats)
 
     def _remove_stale_shards(self) -> None:
         # Shards of an earlier, larger run would otherwise be picked up by directory expansion.
@@ -259,40 +292,35 @@ def write_shards(
     val_fraction: float = 0.0,
     seed: int = 0,
     prefix: str = "train",
-    shard_size: int = 1000,
-    max_bytes: int | None = None,
-    strict: bool = False,
-    progress: bool = True,
-    workers: int = 0,
+    options: ShardOptions = ShardOptions(),
     metadata: dict | None = None,
-) -> list[dict]:
-    """Prepare every item (each has a `.source` string) and write the samples; returns the stats.json dicts.
+) -> list[WrittenShards]:
+    """Prepare every item (each has a `.source` string) with `prepare(item, image_options=...)` and write the
+    samples; `metadata` entries are added to each stats.json.
 
-    val_fraction 0: everything goes to `out_dir/{prefix}-NNNNNN.tar`; returns [stats].
+    val_fraction 0: everything goes to `out_dir/{prefix}-NNNNNN.tar`; returns [that directory].
     val_fraction in (0, 1): a random `val_fraction` of the items (depending only on their count and `seed`) goes
     to `out_dir/val/val-NNNNNN.tar`, the rest to `out_dir/train/train-NNNNNN.tar`; returns [train, val].
-    Items that `prepare` rejects (SampleSkipped) are counted by reason; with strict=True the first one raises
-    DataError naming its source. `workers` > 0 prepares items in a thread pool; the output stays the same.
+    Items that `prepare` rejects (SampleSkipped) are counted by reason; with options.strict the first one raises
+    DataError naming its source.
     """
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
     total = getattr(items, "__len__", lambda: None)()
     out_dir = Path(out_dir)
     val_indices: set[int] = set()
     if val_fraction == 0:
-        sinks = [_ShardSink(out_dir, prefix, shard_size, max_bytes, strict, new_tally())]
+        sinks = [_ShardSink(out_dir, prefix, options, new_tally())]
     elif 0.0 < val_fraction < 1.0:
         if total is None:
             items = list(items)  # an exact split needs the count up front
             total = len(items)
         val_indices = set(random.Random(seed).sample(range(total), round(total * val_fraction)))
-        sinks = [_ShardSink(out_dir / split, split, shard_size, max_bytes, strict, new_tally())
-                 for split in ("train", "val")]
+        sinks = [_ShardSink(out_dir / split, split, options, new_tally()) for split in ("train", "val")]
     else:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    prepared = _prepared_in_order(items, prepare, workers)
+    prepared = _prepared_in_order(items, partial(prepare, image_options=options.image_options), options.workers)
     try:
-        with tqdm(total=total, disable=not progress, desc=f"writing {out_dir}", unit="img", file=sys.stderr) as bar:
+        with tqdm(total=total, disable=not options.progress, desc=f"writing {out_dir}", unit="img",
+                  file=sys.stderr) as bar:
             for index, sample in enumerate(prepared):
                 sinks[index in val_indices].add(sample)  # sinks[1] is val; with no split the set is empty
                 bar.update()
@@ -333,51 +361,18 @@ def write_labelled_shards(
     out_dir,
     class_names,
     *,
-    prefix: str = "train",
-    shard_size: int = 1000,
-    max_bytes: int | None = None,
-    strict: bool = False,
-    progress: bool = True,
-    workers: int = 0,
-    image_options: ImageOptions = ImageOptions(),
-    metadata: dict | None = None,
-) -> dict:
-    """Check and write every sample into `out_dir/{prefix}-NNNNNN.tar`; returns (and saves) the stats.json dict.
-
-    Undecodable or unreadable images are skipped and counted by reason; with strict=True the first one raises
-    DataError naming its source. `metadata` entries are added to stats.json.
-    """
-    prepare = partial(_prepare_labelled, num_classes=len(class_names), image_options=image_options)
-    (stats,) = write_shards(samples, prepare, out_dir, new_tally=partial(_ClassTally, class_names), prefix=prefix,
-                            shard_size=shard_size, max_bytes=max_bytes, strict=strict, progress=progress,
-                            workers=workers, metadata=metadata)
-    return stats
-
-
-def write_split(
-    samples: Iterable[LabelledImage],
-    out_dir,
-    class_names,
-    val_fraction: float,
+    val_fraction: float = 0.0,
     seed: int = 0,
-    *,
-    shard_size: int = 1000,
-    max_bytes: int | None = None,
-    strict: bool = False,
-    progress: bool = True,
-    workers: int = 0,
-    image_options: ImageOptions = ImageOptions(),
+    prefix: str = "train",
+    options: ShardOptions = ShardOptions(),
     metadata: dict | None = None,
-) -> tuple[dict, dict]:
-    """Write a random `val_fraction` of the samples to `out_dir/val/` (prefix "val") and the rest to
-    `out_dir/train/` (prefix "train"); the split depends only on the sample count and `seed`.
+) -> list[WrittenShards]:
+    """Check and write every sample: [out_dir] (shards `{prefix}-NNNNNN.tar`), or [train, val] with a val split
+    (`out_dir/train/`, `out_dir/val/`; see `write_shards`).
 
-    Returns (train stats, val stats).
+    Undecodable or unreadable images and labels outside the classes are skipped and counted by reason; with
+    options.strict the first one raises DataError naming its source.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    prepare = partial(_prepare_labelled, num_classes=len(class_names), image_options=image_options)
-    train, val = write_shards(samples, prepare, out_dir, new_tally=partial(_ClassTally, class_names),
-                              val_fraction=val_fraction, seed=seed, shard_size=shard_size, max_bytes=max_bytes,
-                              strict=strict, progress=progress, workers=workers, metadata=metadata)
-    return train, val
+    prepare = partial(_prepare_labelled, num_classes=len(class_names))
+    return write_shards(samples, prepare, out_dir, new_tally=partial(_ClassTally, class_names),
+                        val_fraction=val_fraction, seed=seed, prefix=prefix, options=options, metadata=metadata)

@@ -1,1 +1,3 @@
-"""Heads on pretrained encoders: linear probing (more heads to come: finetuning, distillation, detection)."""
+"""Heads on pretrained encoders (`python -m finetune`): linear probe, zero-shot classification with prompt
+ensembles, full finetuning and DeiT distillation, DETR detection. Every head gets its encoder from
+`pretrain.encoders.build_encoder` and trains through `pretrain.engine.Trainer`."""

@@ -7,7 +7,7 @@ from pretrain.cli import dispatch, parse_args, run_entry_point
 
 from .config import DetrConfig, FinetuneConfig, LinearProbeConfig, ZeroShotConfig
 
-# task name -> (config schema, run function path); later heads (finetune, distillation, DETR) register here.
+# task name -> (config schema, run function path)
 TASKS: dict[str, tuple[type, str]] = {
     "linear_probe": (LinearProbeConfig, "finetune.linear_probe:run_linear_probe"),
     "zeroshot": (ZeroShotConfig, "finetune.zeroshot:run_zero_shot"),

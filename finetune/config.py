@@ -1,21 +1,11 @@
-"""Config schemas of `python -m finetune` (the shared sections come from `pretrain.config`)."""
+"""Config schemas of `python -m finetune` (the shared sections, `encoder` included, come from `pretrain.config`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from pretrain.config import DataConfig, LoggingConfig, OptimConfig, TrainConfig, check
-
-
-@dataclass
-class EncoderConfig:
-    # "vit": a ViT encoder; with `checkpoint` set, its weights come from our MAE checkpoint (a run directory, a
-    # checkpoint directory or a model.safetensors file), without, it is randomly initialised (a baseline).
-    # "pixels": no encoder, the normalised pixels themselves are the features (a baseline).
-    kind: Literal["vit", "pixels"] = "vit"
-    checkpoint: Optional[str] = None
-    model_name: str = "mae_vit_tiny_patch4"  # architecture for random init (ignored when a checkpoint is given)
+from pretrain.config import DataConfig, EncoderConfig, LoggingConfig, OptimConfig, TrainConfig, check
 
 
 @dataclass
@@ -25,7 +15,9 @@ class LinearProbeConfig:
     task: Literal["linear_probe"] = "linear_probe"
     output_dir: str = "runs/linprobe_demo"
     data: DataConfig = field(default_factory=DataConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # the encoder's pooled features: a ViT's class token after the final norm, a Swin's average (its defaults);
+    # encoder.source=pixels, or no checkpoint, give the raw-pixel and random-init baselines
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(global_pool=None, drop_path=0.0))
     num_classes: Optional[int] = None  # default: read from the training shards' stats.json
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="lars", base_lr=0.1, weight_decay=0.0, momentum=0.9, warmup_epochs=10))
@@ -68,37 +60,6 @@ class ZeroShotConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Full finetuning and DeiT distillation (finetune/classify.py)
 # --------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class FinetuneEncoderConfig:
-    """Where the classifier's trunk comes from (finetune/classifiers.py):
-    - "mae": our `python -m pretrain` checkpoint of a masked-image model (MAE's ViT; UM-MAE's / SimMIM's Swin): a run
-      directory, checkpoint directory or model.safetensors. checkpoint null: `model_name` (pretrain.models) randomly
-      initialised, the from-scratch baseline; `model_kwargs` then override its constructor (e.g. depth).
-    - "clip": the timm image tower of our CLIP run / checkpoint / open_clip export (with `open_clip_config`: any
-      local weights file of that open_clip config).
-    - "timm": `model_name` is a timm model, `model_kwargs` go to timm.create_model, `checkpoint` is a local weights
-      file (.safetensors, or .pth/.pt/.bin read with torch.load(weights_only=True)); null: random init.
-    The old head is dropped and a new one initialised; position embeddings are resampled to `data.image_size`."""
-    source: Literal["mae", "clip", "timm"] = "mae"
-    checkpoint: Optional[str] = None
-    model_name: str = "mae_vit_tiny_patch4"
-    model_kwargs: dict = field(default_factory=dict)
-    open_clip_config: Optional[str] = None
-    # "avg": mean of the patch tokens + a new LayerNorm (fc_norm) in place of the encoder's final norm, as MAE
-    # finetunes; "token": the class token; null: the model's default
-    global_pool: Optional[str] = "avg"
-    drop_path: float = 0.1  # stochastic depth rate (linearly increasing over the blocks, timm's rule)
-    head_init_std: float = 2.0e-5  # new head(s): trunc_normal(std), zero bias (MAE)
-
-    def __post_init__(self):
-        check(0 <= self.drop_path < 1, f"'encoder.drop_path' must be in [0, 1), got {self.drop_path}")
-        check(self.head_init_std > 0, f"'encoder.head_init_std' must be positive, got {self.head_init_std}")
-        check(self.source != "clip" or self.checkpoint is not None,
-              "'encoder.checkpoint' must name a CLIP run, checkpoint or export when encoder.source=clip")
-        check(not (self.source == "mae" and self.checkpoint and self.model_kwargs),
-              "'encoder.model_kwargs' must be empty with an MAE checkpoint: the checkpoint fixes the architecture")
-
 
 @dataclass
 class AugmentConfig:
@@ -161,7 +122,7 @@ class FinetuneConfig:
     task: Literal["finetune"] = "finetune"
     output_dir: str = "runs/finetune_demo"
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.08, 1.0)))
-    encoder: FinetuneEncoderConfig = field(default_factory=FinetuneEncoderConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     num_classes: Optional[int] = None  # default: read from the training shards' stats.json
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
@@ -189,31 +150,6 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------------------------------------------
 # DETR detection (finetune/detection.py, finetune/detr.py)
 # --------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class DetrBackboneConfig:
-    """The trunk (finetune/classifiers.py loads it, as for finetuning): "mae" (our masked-image checkpoint: MAE's
-    ViT, UM-MAE's / SimMIM's Swin; null: `model_name` randomly initialised), "clip" (our CLIP run's timm image
-    tower) or "timm" (`model_name` + a local weights file in `checkpoint`). A ViT gives its last-layer patch tokens
-    (stride = patch size), a Swin its last stage (stride 32); both take any input size."""
-    source: Literal["mae", "clip", "timm"] = "mae"
-    checkpoint: Optional[str] = None
-    model_name: str = "mae_vit_tiny_patch4"
-    model_kwargs: dict = field(default_factory=dict)
-    open_clip_config: Optional[str] = None
-    # the size the trunk is built at: its position embeddings' grid (e.g. its pretraining size); a ViT
-    # interpolates them to each input's grid
-    image_size: int = 224
-    drop_path: float = 0.0
-
-    def __post_init__(self):
-        check(self.image_size > 0, f"'backbone.image_size' must be positive, got {self.image_size}")
-        check(0 <= self.drop_path < 1, f"'backbone.drop_path' must be in [0, 1), got {self.drop_path}")
-        check(self.source != "clip" or self.checkpoint is not None,
-              "'backbone.checkpoint' must name a CLIP run, checkpoint or export when backbone.source=clip")
-        check(not (self.source == "mae" and self.checkpoint and self.model_kwargs),
-              "'backbone.model_kwargs' must be empty with an MAE checkpoint: the checkpoint fixes the architecture")
-
 
 @dataclass
 class DetrModelConfig:
@@ -279,12 +215,17 @@ class DetrAugmentConfig:
 class DetrConfig:
     """DETR on a pretrained ViT / Swin, trained on detection shards (`python -m data coco` or
     data.write_detection_shards) and evaluated with pycocotools' COCOeval on `data.val` (a shard directory). The
-    data section's image_size / crop_scale / eval_crop_fraction are not used: `augment` sets the sizes."""
+    data section's image_size / crop_scale / eval_crop_fraction are not used: `augment` sets the sizes.
+
+    The backbone is the `encoder` section, as for every head: a ViT gives its last-layer patch tokens (stride =
+    patch size), a Swin its last stage (stride 32); both take any input size. `encoder.image_size` is the size the
+    trunk is built at (its position embeddings' grid, e.g. its pretraining size); a ViT interpolates them to each
+    input's grid."""
     task: Literal["detr"] = "detr"
     output_dir: str = "runs/detr_demo"
-    data: DataConfig = field(default_factory=lambda: DataConfig(train="runs/bench_detr/shards/train",
-                                                                val="runs/bench_detr/shards/val"))
-    backbone: DetrBackboneConfig = field(default_factory=DetrBackboneConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(val=None))  # data.train and data.val: required
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(image_size=224, global_pool=None,
+                                                                         drop_path=0.0))
     model: DetrModelConfig = field(default_factory=DetrModelConfig)
     loss: DetrLossConfig = field(default_factory=DetrLossConfig)
     augment: DetrAugmentConfig = field(default_factory=DetrAugmentConfig)
@@ -292,7 +233,7 @@ class DetrConfig:
     # DETR: AdamW, lr 1e-4 (absolute, not scaled by the batch), weight decay 1e-4 on every weight, grad clip 0.1
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.999), warmup_epochs=0.0, clip_grad=0.1))
-    backbone_lr: float = 1e-5  # the trunk's lr; 0 freezes it
+    backbone_lr: float = 1e-5  # the trunk's (encoder's) lr; 0 freezes it
     lr_drop: int = 200  # epochs: every lr is multiplied by 0.1 every lr_drop epochs (DETR's StepLR)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=300, batch_size=4, log_every=50))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -302,10 +243,12 @@ class DetrConfig:
     picture_threshold: float = 0.5  # predictions drawn: score at least this
 
     def __post_init__(self):
+        check(self.data.train != "embedded", "'data.train' must name detection shards (python -m data coco); the "
+                                             "embedded data set has no boxes (benchmarks/detr_fmnist.py makes a "
+                                             "detection set from it)")
         check(self.data.val is not None and self.data.val != "embedded",
               "'data.val' must name a detection shard directory (with its stats.json) for COCO evaluation")
-        check(self.data.train != "embedded", "'data.train' must name detection shards; the embedded data set has "
-                                             "no boxes (benchmarks/detr_fmnist.py makes a detection set from it)")
+        check(self.encoder.source != "pixels", "'encoder.source' pixels has no feature map for DETR")
         check(self.optim.lr is not None, "'optim.lr' must be set: DETR's learning rates are absolute")
         check(self.backbone_lr >= 0, f"'backbone_lr' must be >= 0 (0 freezes the backbone), got {self.backbone_lr}")
         check(self.lr_drop >= 1, f"'lr_drop' must be >= 1 epoch, got {self.lr_drop}")

@@ -6,8 +6,9 @@
          main process) scored by pycocotools' COCOeval against the shards' own COCO ground truth
       -> metrics.json (AP, AP50, AP75, APs, APm, APl per evaluation), best/ and last/ weights, boxes.png
 
-The weights files carry the model's spec in their metadata, so `detr_from_weights` rebuilds the model without the
-backbone checkpoint (finetune/draw_boxes.py uses it).
+The backbone comes from the `encoder` section through `pretrain.encoders.build_encoder`, as every head's does. The
+weights files carry the model's spec in their metadata, so `detr_from_weights` rebuilds the model without the
+backbone checkpoint (`python -m finetune.draw_boxes` uses it).
 """
 from __future__ import annotations
 
@@ -17,26 +18,26 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from data import STATS_FILE, DataError, ShardStream, SkipGuard, coco_ground_truth, count_samples, expand_shards
-from data import detection_eval_transform, detection_train_transform
+from data import STATS_FILE, ShardStream, coco_ground_truth, detection_eval_transform, detection_train_transform
 from data import make_loader as make_data_loader
-from pretrain.checkpoint import CheckpointError, load_model_file, load_state_dict_checked
-from pretrain.config import ConfigError, to_dict
-from pretrain.datasets import training_loader_factory
-from pretrain.engine import Schedule, Trainer, make_accelerator, prepare_output_dir
+from data import read_categories
+from pretrain.checkpoint import CheckpointError, load_state_dict_checked, read_weights, resolve_weights_file
+from pretrain.config import ConfigError, EncoderConfig
+from pretrain.encoders import build_encoder, create_timm_model
+from pretrain.engine import Schedule, Trainer
+from pretrain.evaluation import BEST_DIR, LAST_DIR, METRICS_FILE, Evaluator
+from pretrain.run import setup_run
 
-from .classifiers import BEST_DIR, LAST_DIR, build_classifier, create_classifier
-from .classify import METRICS_FILE, save_weights
-from .config import DetrBackboneConfig, DetrConfig
+from .config import DetrConfig
 from .detr import DETR, Backbone, postprocess
 from .detr_loss import HungarianMatcher, SetCriterion
-from .encoders import resolve_weights_file
+from .pictures import draw_predictions
+from .tasks import DetrTask
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,12 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6
 
 # ------------------------------------------------------------------------------------------------ the model
 
-def build_backbone(cfg: DetrBackboneConfig) -> tuple[Backbone, dict[str, Any], str]:
-    """(Backbone, the trunk's spec, a description): the trunk loaded as finetuning loads it (position embeddings
-    fitted to `cfg.image_size`, the head dropped), then rebuilt with `dynamic_img_size=True` so it takes any input
-    size (a ViT interpolates its position embeddings per input, a Swin pads to its windows)."""
-    encoder = SimpleNamespace(source=cfg.source, checkpoint=cfg.checkpoint, model_name=cfg.model_name,
-                              model_kwargs=cfg.model_kwargs, open_clip_config=cfg.open_clip_config, global_pool=None,
-                              drop_path=cfg.drop_path, head_init_std=2.0e-5)
-    fixed_size, spec, description = build_classifier(encoder, num_classes=0, image_size=cfg.image_size)
-    spec = {**spec, "kwargs": {**spec["kwargs"], "dynamic_img_size": True}}
-    trunk = create_classifier(spec, cfg.drop_path)
-    trunk.load_state_dict(fixed_size.state_dict())
-    return Backbone(trunk), spec, description
+def build_backbone(cfg: EncoderConfig) -> tuple[Backbone, dict[str, Any], str]:
+    """(Backbone, the trunk's spec, a description): the trunk loaded as every head loads it (position embeddings
+    fitted to `cfg.image_size`, no head), built with `dynamic_img_size=True` so that it takes any input size (a ViT
+    interpolates its position embeddings per input, a Swin pads to its windows)."""
+    encoder = build_encoder(cfg, dynamic_img_size=True)
+    return Backbone(encoder.model), encoder.spec, encoder.description
 
 
 def detr_spec(backbone_spec: dict[str, Any], num_classes: int, cfg: DetrConfig) -> dict[str, Any]:
@@ -69,7 +64,7 @@ def detr_spec(backbone_spec: dict[str, Any], num_classes: int, cfg: DetrConfig) 
 def create_detr(spec: dict[str, Any]) -> DETR:
     """An untrained DETR (random backbone too) from its spec: the shape of a model to load weights into."""
     model = spec["model"]
-    return DETR(Backbone(create_classifier(spec["backbone"])), spec["num_classes"], hidden_dim=model["hidden_dim"],
+    return DETR(Backbone(create_timm_model(spec["backbone"])), spec["num_classes"], hidden_dim=model["hidden_dim"],
                 num_heads=model["num_heads"], encoder_layers=model["encoder_layers"],
                 decoder_layers=model["decoder_layers"], ffn_dim=model["ffn_dim"], dropout=model["dropout"],
                 num_queries=model["num_queries"], aux_loss=model["aux_loss"])
@@ -78,10 +73,8 @@ def create_detr(spec: dict[str, Any]) -> DETR:
 def detr_from_weights(path: str | Path) -> tuple[DETR, dict[str, Any], Path]:
     """(DETR, spec, weights file) of our detection run (its best/ weights), a best/ or last/ folder, or a weights
     file, rebuilt from the spec in the file's metadata."""
-    path = Path(path)
-    weights_file = path / BEST_DIR / "model.safetensors"
-    weights_file = weights_file if weights_file.is_file() else resolve_weights_file(path)
-    state_dict, metadata = load_model_file(weights_file)
+    state_dict, metadata = read_weights(path)
+    weights_file = resolve_weights_file(path)
     if metadata.get("objective") != DETR_OBJECTIVE or SPEC_KEY not in metadata:
         raise CheckpointError(f"{weights_file} is not DETR weights of this project (metadata: {sorted(metadata)})")
     spec = json.loads(metadata[SPEC_KEY])
@@ -111,36 +104,6 @@ def step_decay(lr_drop_epochs: int, rate: float = 0.1) -> Callable[[Any, Schedul
                                warmup_t=schedule.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
                                t_in_epochs=False)
     return make
-
-
-# ------------------------------------------------------------------------------------------------ the task
-
-def targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """The batch's target dicts (which the engine leaves on the CPU) with their boxes and labels on `device`."""
-    return [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-
-
-class DetrTask:
-    """The engine's task: DETR's outputs on the padded batch, the set loss against the batch's targets."""
-
-    def __init__(self, criterion: SetCriterion):
-        self.criterion = criterion
-        self._loss_sum, self._batches = 0.0, 0
-
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images = batch["image"]
-        outputs = model(images, batch["mask"])
-        losses = self.criterion(outputs, targets_to(batch["target"], images.device))
-        self._loss_sum += float(losses["loss"].detach())
-        self._batches += 1
-        return losses
-
-    def pop_mean_loss(self, accelerator) -> Optional[float]:
-        """Mean training loss over the batches since the last call, over all processes."""
-        totals = torch.tensor([self._loss_sum, float(self._batches)], device=accelerator.device)
-        totals = accelerator.reduce(totals, reduction="sum").cpu()
-        self._loss_sum, self._batches = 0.0, 0
-        return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -198,100 +161,42 @@ def coco_evaluate(ground_truth: dict[str, Any], detections: list[dict[str, Any]]
     return {name: float(value) for name, value in zip(COCO_METRICS, evaluation.stats[:6])}
 
 
-def category_list(train_shards: str) -> list[dict[str, Any]]:
-    """The categories ({"id", "name"}) in the stats.json beside the training shards."""
-    stats_file = Path(expand_shards(train_shards)[0]).parent / STATS_FILE
-    categories = json.loads(stats_file.read_text()).get("categories") if stats_file.is_file() else None
-    if not categories:
-        raise DataError(f"no categories in {stats_file}: data.train must be detection shards "
-                        f"(data.write_detection_shards / python -m data coco)")
-    return categories
+def coco_metrics(model: nn.Module, shards: str, ground_truth: Optional[dict[str, Any]], transform, batch_size: int,
+                 num_workers: int, accelerator, max_skip_rate: float = 0.5) -> dict[str, Any]:
+    """COCO box metrics of `model` on all of `shards` (predictions gathered to the main process, which holds the
+    `ground_truth`), the same dict on every process, with the number of images scored."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    detections, image_ids = predict(model, shards, transform, batch_size, num_workers, accelerator, max_skip_rate)
+    if accelerator.num_processes > 1:
+        detections, image_ids = gather_object(detections), gather_object(image_ids)
+    result = [None]
+    if accelerator.is_main_process:
+        result = [{**coco_evaluate(ground_truth, detections, image_ids), "num_images": len(set(image_ids))}]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(result)
+    return result[0]
 
 
 # ------------------------------------------------------------------------------------------------ the run
 
-class EpochEnd:
-    """The engine's `on_epoch_end`: every `eval_every` epochs (and after the last), COCO metrics on data.val,
-    last/ and best/ (by AP) weights, metrics.json rewritten."""
-
-    def __init__(self, cfg: DetrConfig, output_dir: Path, val_dir: str, task: DetrTask, spec: dict[str, Any],
-                 summary: dict[str, Any], accelerator):
-        self.cfg, self.output_dir, self.val_dir, self.task, self.spec = cfg, output_dir, val_dir, task, spec
-        self.summary = summary
-        self.transform = detection_eval_transform(cfg.augment.eval_size, cfg.augment.eval_max_size, cfg.data.mean,
-                                                  cfg.data.std)
-        self.ground_truth = coco_ground_truth(val_dir) if accelerator.is_main_process else None
-        self.history: list[dict[str, Any]] = []
-        metrics_file = output_dir / METRICS_FILE
-        if cfg.train.resume and metrics_file.is_file():
-            self.history = json.loads(metrics_file.read_text()).get("history", [])
-        self.last_step = None
-
-    def evaluate(self, model: nn.Module, accelerator) -> dict[str, Any]:
-        from accelerate.utils import broadcast_object_list, gather_object
-
-        detections, image_ids = predict(model, self.val_dir, self.transform, self.cfg.eval_batch_size,
-                                        self.cfg.data.num_workers, accelerator, self.cfg.data.max_skip_rate)
-        if accelerator.num_processes > 1:
-            detections, image_ids = gather_object(detections), gather_object(image_ids)
-        result = [None]
-        if accelerator.is_main_process:
-            result = [{**coco_evaluate(self.ground_truth, detections, image_ids), "num_images": len(set(image_ids))}]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(result)
-        return result[0]
-
-    def __call__(self, trainer: Trainer, epoch: float) -> None:
-        last_epoch = trainer.step >= trainer.schedule.total_steps or trainer.step == trainer.train_cfg.stop_after_steps
-        if isinstance(epoch, int) and epoch % self.cfg.eval_every and not last_epoch:
-            return
-        acc = trainer.accelerator
-        record: dict[str, Any] = {"epoch": epoch, "step": trainer.step, "train_loss": self.task.pop_mean_loss(acc)}
-        record.update(self.evaluate(trainer.unwrapped_model, acc))
-        self.history = [h for h in self.history if h["epoch"] < epoch] + [record]
-        self.last_step = trainer.step
-        if acc.is_main_process:
-            metadata = {"objective": DETR_OBJECTIVE, SPEC_KEY: json.dumps(self.spec), "epoch": str(epoch),
-                        "AP": str(record["AP"])}
-            save_weights(self.output_dir / LAST_DIR, trainer.unwrapped_model, metadata)
-            if record["AP"] >= max(h["AP"] for h in self.history):
-                save_weights(self.output_dir / BEST_DIR, trainer.unwrapped_model, metadata)
-            (self.output_dir / METRICS_FILE).write_text(json.dumps(self.metrics(), indent=2))
-        acc.wait_for_everyone()
-        log.info("epoch %s: AP %.3f, AP50 %.3f, AP75 %.3f (APs %.3f, APm %.3f, APl %.3f) on %d images", epoch,
-                 *(record[k] for k in COCO_METRICS), record["num_images"])
-
-    def metrics(self) -> dict[str, Any]:
-        last, best = self.history[-1], max(self.history, key=lambda h: h["AP"])
-        metrics = {k: v for k, v in last.items() if k not in ("epoch", "step", "train_loss")}
-        metrics.update(best_AP=best["AP"], best_AP50=best["AP50"], best_epoch=best["epoch"], epochs=last["epoch"],
-                       steps=last["step"], **self.summary, history=self.history)
-        return metrics
-
-
 def run_detr(cfg: DetrConfig) -> dict[str, Any]:
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(cfg.train)
-    output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
-    for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-        expand_shards(spec)  # a missing shard or folder fails here, naming it
-    if not (Path(cfg.data.val) / STATS_FILE).is_file():
+    run = setup_run(cfg)
+    accelerator, output_dir = run.accelerator, run.output_dir
+    if not (Path(run.val_shards) / STATS_FILE).is_file():
         raise ConfigError(f"'data.val' {cfg.data.val} must be a detection shard directory with its {STATS_FILE} "
                           f"(its COCO ground truth is rebuilt from there)")
-    categories = category_list(cfg.data.train)
+    categories = read_categories(run.train_shards)
     num_classes = cfg.num_classes or max(int(c["id"]) for c in categories) + 1
-    samples_per_epoch = cfg.data.samples_per_epoch or count_samples(cfg.data.train)
 
-    set_seed(cfg.train.seed)  # the same initial transformer and heads on every process
-    backbone, backbone_spec, description = build_backbone(cfg.backbone)
+    backbone, backbone_spec, description = build_backbone(cfg.encoder)
     if cfg.backbone_lr == 0:
         backbone.requires_grad_(False)
+    spec = detr_spec(backbone_spec, num_classes, cfg)
     m = cfg.model
     model = DETR(backbone, num_classes, hidden_dim=m.hidden_dim, num_heads=m.num_heads, encoder_layers=m.encoder_layers,
                  decoder_layers=m.decoder_layers, ffn_dim=m.ffn_dim, dropout=m.dropout, num_queries=m.num_queries,
                  aux_loss=m.aux_loss)
-    spec = detr_spec(backbone_spec, num_classes, cfg)
     backbone_params = sum(p.numel() for p in backbone.parameters())
     log.info("DETR on %s (%s, stride %d, %d channels): %.2f M backbone + %.2f M detector parameters, %d classes "
              "(+ no object), %d queries", description, type(backbone.trunk).__name__, backbone.stride,
@@ -302,42 +207,32 @@ def run_detr(cfg: DetrConfig) -> dict[str, Any]:
     criterion = SetCriterion(num_classes, HungarianMatcher(loss.class_cost, loss.bbox_cost, loss.giou_cost),
                              ce_weight=loss.ce_weight, bbox_weight=loss.bbox_weight, giou_weight=loss.giou_weight,
                              no_object_weight=loss.no_object_weight)
-    task = DetrTask(criterion)
     augment = cfg.augment
-    transform = detection_train_transform(augment.scales, augment.max_size, augment.crop_scales, augment.crop_size,
-                                          cfg.data.mean, cfg.data.std)
+    train_images = detection_train_transform(augment.scales, augment.max_size, augment.crop_scales, augment.crop_size,
+                                             cfg.data.mean, cfg.data.std)
+    eval_images = detection_eval_transform(augment.eval_size, augment.eval_max_size, cfg.data.mean, cfg.data.std)
+    ground_truth = coco_ground_truth(run.val_shards) if accelerator.is_main_process else None
 
+    def measure(evaluated: nn.Module, acc) -> dict[str, Any]:
+        return coco_metrics(evaluated, run.val_shards, ground_truth, eval_images, cfg.eval_batch_size,
+                            cfg.data.num_workers, acc, cfg.data.max_skip_rate)
 
+    metadata = {"objective": DETR_OBJECTIVE, SPEC_KEY: json.dumps(spec)}
     summary = {"model": description, "backbone": type(backbone.trunk).__name__, "backbone_stride": backbone.stride,
-               "num_classes": num_classes, "categories": categories, "num_train": samples_per_epoch,
+               "num_classes": num_classes, "categories": categories, "num_train": run.samples_per_epoch,
                "backbone_lr": cfg.backbone_lr, "lr": cfg.optim.lr}
-    epoch_end = EpochEnd(cfg, output_dir, cfg.data.val, task, spec, summary, accelerator)
-    trainer = Trainer(
-        model=model,
-        task=task,
-        make_loader=training_loader_factory(cfg.data.train, transform, cfg.data, cfg.train, kind="detection"),
-        samples_per_epoch=samples_per_epoch,
-        train=cfg.train,
-        optim=cfg.optim,
-        logging_cfg=cfg.logging,
-        output_dir=output_dir,
-        run_config=to_dict(cfg),
-        model_metadata={"objective": DETR_OBJECTIVE, SPEC_KEY: json.dumps(spec)},
-        accelerator=accelerator,
-        skip_guard=SkipGuard(cfg.data.max_skip_rate, where=f"training data {cfg.data.train}"),
-        on_epoch_end=epoch_end,
-        param_group_fn=backbone_param_groups(cfg.backbone_lr / cfg.optim.lr),
-        make_scheduler=step_decay(cfg.lr_drop),
+    evaluator = Evaluator(output_dir, measure, key="AP", every=cfg.eval_every, weights_metadata=metadata,
+                          summary=summary, resume=bool(cfg.train.resume))
+    trainer = Trainer.from_config(
+        cfg, run, model=model, task=DetrTask(criterion), transform=train_images, kind="detection",
+        model_metadata=metadata, evaluator=evaluator,
+        param_group_fn=backbone_param_groups(cfg.backbone_lr / cfg.optim.lr), make_scheduler=step_decay(cfg.lr_drop),
     )
     result = trainer.fit()
-    if epoch_end.last_step != trainer.step:  # stopped inside an epoch (train.stop_after_steps): evaluate there
-        epoch_end(trainer, round(trainer.step / trainer.schedule.steps_per_epoch, 4))
-    metrics = epoch_end.metrics()
+    metrics = evaluator.metrics()
     if cfg.num_pictures and accelerator.is_main_process:
-        from .draw_boxes import draw_predictions
-
         names = {int(c["id"]): c["name"] for c in categories}
-        draw_predictions(trainer.unwrapped_model, cfg.data.val, epoch_end.transform, output_dir / PICTURE_FILE,
+        draw_predictions(trainer.unwrapped_model, run.val_shards, eval_images, output_dir / PICTURE_FILE,
                          names, cfg.data.mean, cfg.data.std, cfg.num_pictures, cfg.picture_threshold)
     accelerator.wait_for_everyone()
     log.info("done: step %d, AP %.3f, AP50 %.3f (best AP %.3f at epoch %s); weights in %s and %s, metrics in %s",

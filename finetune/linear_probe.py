@@ -8,17 +8,16 @@ import logging
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from data import ShardStream, count_samples, eval_transform
-from data import make_loader as make_data_loader
-from pretrain.config import to_dict
-from pretrain.datasets import read_class_names, resolve_shards
-from pretrain.engine import Trainer, make_accelerator, prepare_output_dir
+from data import eval_transform, read_class_names
+from pretrain.engine import Trainer
+from pretrain.run import setup_run
 
 from .config import LinearProbeConfig
-from .encoders import build_feature_encoder
+from .features import extract_features, feature_encoder
+from .metrics import TopKAccuracy
+from .tasks import ClassificationTask
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +35,6 @@ class LinearProbeHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(features))
-
-
-class ClassificationTask:
-    """Cross-entropy on `batch["features"]` -> `batch["label"]`, logging the batch accuracy."""
-
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits = model(batch["features"])
-        loss = F.cross_entropy(logits, batch["label"])
-        accuracy = (logits.argmax(dim=1) == batch["label"]).float().mean()
-        return {"loss": loss, "accuracy": accuracy}
-
-
-@torch.no_grad()
-def extract_features(encoder: nn.Module, shards: str, transform, batch_size: int, num_workers: int,
-                     accelerator, description: str, max_skip_rate: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of the shards, every sample once -> (features [N, D], labels [N]) on the CPU."""
-    from tqdm.auto import tqdm
-
-    stream = ShardStream(shards, transform, batch_size, train=False, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, max_skip_rate=max_skip_rate)
-    total = -(-count_samples(shards) // (batch_size * accelerator.num_processes))
-    features, labels = [], []
-    for batch in tqdm(make_data_loader(stream, num_workers), total=total, desc=description, unit="batch",
-                      disable=not accelerator.is_main_process, dynamic_ncols=True):
-        with accelerator.autocast():
-            features.append(encoder(batch["image"].to(accelerator.device)).float().cpu())
-        labels.append(batch["label"])
-    return torch.cat(features), torch.cat(labels)
 
 
 def feature_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
@@ -86,32 +57,26 @@ def evaluate(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, acce
     """Top-1 / top-5 accuracy (percent) over every process's evaluation features, each sample counted once."""
     was_training = head.training
     head.eval()
-    counts = torch.zeros(3, dtype=torch.float64)  # correct@1, correct@5, samples
+    accuracy = None
     for start in range(0, len(features), batch_size):
-        logits = head(features[start:start + batch_size].to(accelerator.device)).float().cpu()
-        target = labels[start:start + batch_size]
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts[0] += (top5[:, 0] == target).sum()
-        counts[1] += (top5 == target[:, None]).any(dim=1).sum()
-        counts[2] += len(target)
+        logits = head(features[start:start + batch_size].to(accelerator.device))
+        accuracy = accuracy or TopKAccuracy(logits.shape[1])
+        accuracy.update(logits, labels[start:start + batch_size])
     head.train(was_training)
-    counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
-    return {"top1": 100.0 * float(counts[0] / counts[2]), "top5": 100.0 * float(counts[1] / counts[2]), "num_samples": int(counts[2])}
+    return accuracy.result(accelerator)
 
 
 def run_linear_probe(cfg: LinearProbeConfig) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.train)
-    output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
-    train_shards, val_shards = resolve_shards(cfg.data, output_dir, accelerator)
-    num_classes = cfg.num_classes or len(read_class_names(train_shards))
+    run = setup_run(cfg)
+    accelerator = run.accelerator
+    num_classes = cfg.num_classes or len(read_class_names(run.train_shards))
 
-    encoder, description = build_feature_encoder(cfg.encoder.kind, cfg.encoder.checkpoint, cfg.encoder.model_name,
-                                                 cfg.data.image_size)
-    encoder.eval().requires_grad_(False).to(accelerator.device)
+    encoder, description = feature_encoder(cfg.encoder, cfg.data.image_size)
+    encoder.to(accelerator.device)
     transform = eval_transform(cfg.data.image_size, crop_fraction=cfg.data.eval_crop_fraction, mean=cfg.data.mean, std=cfg.data.std)
-    train_features, train_labels = extract_features(encoder, train_shards, transform, cfg.feature_batch_size,
+    train_features, train_labels = extract_features(encoder, run.train_shards, transform, cfg.feature_batch_size,
                                                     cfg.data.num_workers, accelerator, "features (train)", cfg.data.max_skip_rate)
-    val_features, val_labels = extract_features(encoder, val_shards, transform, cfg.feature_batch_size,
+    val_features, val_labels = extract_features(encoder, run.val_shards, transform, cfg.feature_batch_size,
                                                 cfg.data.num_workers, accelerator, "features (val)", cfg.data.max_skip_rate)
     del encoder
     local_count = torch.tensor(float(len(train_features)), device=accelerator.device)
@@ -120,26 +85,19 @@ def run_linear_probe(cfg: LinearProbeConfig) -> dict[str, Any]:
              description, samples_per_epoch, len(val_features), train_features.shape[1], num_classes)
 
     head = LinearProbeHead(train_features.shape[1], num_classes)
-    trainer = Trainer(
-        model=head,
-        task=ClassificationTask(),
+    trainer = Trainer.from_config(
+        cfg, run, model=head, task=ClassificationTask(), samples_per_epoch=samples_per_epoch,
         make_loader=lambda start_batch, rank, world_size: feature_batches(
             train_features, train_labels, cfg.train.batch_size, cfg.train.seed * 1000 + rank, start_batch),
-        samples_per_epoch=samples_per_epoch,
-        train=cfg.train,
-        optim=cfg.optim,
-        logging_cfg=cfg.logging,
-        output_dir=output_dir,
-        run_config=to_dict(cfg),
-        model_metadata={"objective": "linear_probe", "feature_dim": str(train_features.shape[1]), "num_classes": str(num_classes)},
-        accelerator=accelerator,
+        model_metadata={"objective": "linear_probe", "feature_dim": str(train_features.shape[1]),
+                        "num_classes": str(num_classes)},
     )
     summary = trainer.fit()
     metrics = evaluate(trainer.unwrapped_model, val_features, val_labels, accelerator)
     metrics.update(encoder=description, feature_dim=int(train_features.shape[1]), num_train=samples_per_epoch,
                    epochs=cfg.train.epochs, steps=summary["step"], final_train_loss=summary.get("loss"))
     if accelerator.is_main_process:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("linear probe (%s): top-1 %.2f%%, top-5 %.2f%% on %d images; metrics in %s", description,
-                 metrics["top1"], metrics["top5"], metrics["num_samples"], output_dir / "metrics.json")
+                 metrics["top1"], metrics["top5"], metrics["num_samples"], run.output_dir / "metrics.json")
     return metrics

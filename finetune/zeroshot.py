@@ -7,7 +7,6 @@ image is assigned the class of highest cosine similarity (logits = 100 x cosine,
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,14 +15,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from data import ShardStream, clip_eval_transform, count_samples, expand_shards
-from data.captions import read_class_names
+from data import ShardStream, clip_eval_transform, count_samples, read_class_names
 from data import make_loader as make_data_loader
 from pretrain.config import ConfigError, to_dict
-from pretrain.datasets import resolve_shards
-from pretrain.engine import make_accelerator, prepare_output_dir
+from pretrain.run import setup_run
 
 from .config import ZeroShotConfig
+from .metrics import TopKAccuracy
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,7 @@ def _read_list(path: Path, what: str) -> list[str]:
 def class_names(spec: str, eval_shards: str | None) -> list[str]:
     """"stats": the evaluation shards' stats.json; "imagenet": open_clip's ImageNet-1k names; else a file."""
     if spec == "stats":
-        return read_class_names(expand_shards(eval_shards))
+        return read_class_names(eval_shards)
     if spec == "imagenet":
         from open_clip import IMAGENET_CLASSNAMES
 
@@ -76,7 +74,7 @@ def prompt_templates(spec: str) -> list[str | Callable[[str], str]]:
 
 
 @torch.no_grad()
-def build_classifier(model: nn.Module, tokenizer, names: Sequence[str], templates: Sequence, device) -> torch.Tensor:
+def zero_shot_weights(model: nn.Module, tokenizer, names: Sequence[str], templates: Sequence, device) -> torch.Tensor:
     """[D, C]: per class, the renormalised mean of its prompts' normalised text embeddings."""
     from open_clip import build_zero_shot_classifier
 
@@ -96,8 +94,7 @@ def evaluate_zero_shot(model: nn.Module, classifier: torch.Tensor, shards: str, 
     stream = ShardStream(shards, transform, batch_size, train=False, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, max_skip_rate=max_skip_rate)
     total = -(-count_samples(shards) // (batch_size * accelerator.num_processes))
-    correct1, correct5 = torch.zeros(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
-    seen = torch.zeros(num_classes, dtype=torch.float64)
+    accuracy = TopKAccuracy(num_classes)
     for batch in tqdm(make_data_loader(stream, num_workers), total=total, desc="zero-shot", unit="batch",
                       disable=not accelerator.is_main_process, dynamic_ncols=True):
         labels = batch["label"]
@@ -105,29 +102,19 @@ def evaluate_zero_shot(model: nn.Module, classifier: torch.Tensor, shards: str, 
             raise ConfigError(f"label {int(labels.max())} in {shards} but only {num_classes} class names")
         with accelerator.autocast():
             features = model.encode_image(batch["image"].to(accelerator.device), normalize=True)
-        logits = LOGIT_SCALE * features.float() @ classifier.float()
-        top5 = logits.topk(min(5, num_classes), dim=1).indices.cpu()
-        ones = torch.ones(len(labels), dtype=torch.float64)
-        seen.index_add_(0, labels, ones)
-        correct1.index_add_(0, labels, (top5[:, 0] == labels).double())
-        correct5.index_add_(0, labels, (top5 == labels[:, None]).any(dim=1).double())
-    counts = torch.stack([correct1, correct5, seen]).to(accelerator.device)
-    correct1, correct5, seen = accelerator.reduce(counts, reduction="sum").cpu()
-    total_seen = float(seen.sum())
-    if total_seen == 0:
+        accuracy.update(LOGIT_SCALE * features.float() @ classifier.float(), labels)
+    metrics = accuracy.result(accelerator, per_class=True)
+    if metrics["num_samples"] == 0:
         raise ConfigError(f"no evaluation images read from {shards}")
-    per_class = (100.0 * correct1 / seen.clamp(min=1)).tolist()
-    return {"top1": 100.0 * float(correct1.sum()) / total_seen, "top5": 100.0 * float(correct5.sum()) / total_seen,
-            "num_samples": int(total_seen), "per_class_top1": per_class, "per_class_samples": seen.long().tolist()}
+    return metrics
 
 
 def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
     from pretrain.models.clip import load_clip, tokenizer_for
 
-    accelerator = make_accelerator(cfg.train)
-    output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
-    # only evaluation shards are read: resolve data.val alone ("embedded": the bundled validation split)
-    _, eval_shards = resolve_shards(dataclasses.replace(cfg.data, train=cfg.data.val), output_dir, accelerator)
+    # only evaluation shards are read: data.val alone ("embedded": the bundled validation split)
+    run = setup_run(cfg, train_data=False)
+    accelerator, output_dir, eval_shards = run.accelerator, run.output_dir, run.val_shards
     try:
         model, name = load_clip(cfg.model.checkpoint, cfg.model.open_clip_config)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -139,7 +126,7 @@ def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
 
     names = class_names(cfg.classes, eval_shards)
     templates = prompt_templates(cfg.templates)
-    classifier = build_classifier(model, tokenizer_for(name), names, templates, accelerator.device)
+    classifier = zero_shot_weights(model, tokenizer_for(name), names, templates, accelerator.device)
     transform = clip_eval_transform(image_size, mean=cfg.data.mean, std=cfg.data.std)
     metrics = evaluate_zero_shot(model, classifier, eval_shards, transform, cfg.train.batch_size,
                                  cfg.data.num_workers, accelerator, cfg.data.max_skip_rate)

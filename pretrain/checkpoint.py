@@ -13,9 +13,11 @@ A file damaged later (a truncated copy, a bad disk) no longer matches its record
 `sha256sum` prints; ~1.4 GB/s on one CPU core): loading it is a `CheckpointError` naming the file, and
 `resume=latest` falls back to the newest checkpoint that verifies.
 
-Weights never execute code on the way in: `.safetensors` holds tensors only, and `.pth`/`.pt`/`.bin`/`.ckpt` files
-(official MAE or timm releases) are read only by `load_weights_file`, with `torch.load(weights_only=True)`, which
-refuses a pickle that would import or call anything beyond tensors and plain containers.
+Every weights file is read by `read_weights` and written by `save_weights` (atomically); a state dict that does not
+fit a model is reported by `state_dict_mismatch`. Weights never execute code on the way in: `.safetensors` holds
+tensors only, and `.pth`/`.pt`/`.bin`/`.ckpt` files (official MAE, timm or open_clip releases) are read with
+`torch.load(weights_only=True)`, which refuses a pickle that would import or call anything beyond tensors and plain
+containers.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+BEST_DIR, LAST_DIR = "best", "last"  # the weights runs that evaluate keep (pretrain/evaluation.py)
 WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 log = logging.getLogger(__name__)
@@ -66,9 +69,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    # safetensors refuses views of shared storage: save contiguous copies
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    save_file(tensors, str(tmp / MODEL_FILE), metadata=model_metadata or {})
+    _write_safetensors(tmp / MODEL_FILE, model_state, model_metadata)  # (the directory's rename is the atomic step)
     torch.save(train_state, tmp / STATE_FILE)
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)} for name in (MODEL_FILE, STATE_FILE)}
     (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "complete": True, "files": files}, indent=2))
@@ -163,38 +164,71 @@ def resolve_resume(resume: str, checkpoints_dir: str | Path) -> Path | None:
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
-    return load_weights_file(Path(path) / STATE_FILE)
+    return load_torch_file(Path(path) / STATE_FILE)
 
 
-def load_model_file(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, metadata) from a checkpoint directory or a `.safetensors` file. With `verify`, a file inside a
-    checkpoint directory is first checked against the size and sha256 in the directory's meta.json."""
+# ------------------------------------------------------------------------------------------------ weights files
+# One reader, one writer and one mismatch report for every weights file the project reads or writes: checkpoints,
+# best/last weights of finetuning and detection runs, exports, official releases.
+
+def resolve_weights_file(path: str | Path) -> Path:
+    """A weights file, a checkpoint (or best/, last/) directory, a run's checkpoints/ directory or a run directory
+    -> the weights file: a run's best/ weights where it kept some (finetuning, detection), else its newest complete
+    checkpoint."""
     path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise CheckpointError(f"model weights not found: {path}")
-    if verify:
-        _verify_file(path)
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"model weights {path} are not a readable safetensors file ({err})") from None
+    if path.is_file():
+        return path
+    for candidate in (path / MODEL_FILE, path / BEST_DIR / MODEL_FILE):
+        if candidate.is_file():
+            return candidate
+    for root in (path / "checkpoints", path):
+        latest = find_latest(root)
+        if latest is not None:
+            return latest / MODEL_FILE
+    raise CheckpointError(f"no model weights found at {path} (expected a weights file "
+                          f"({', '.join(WEIGHTS_SUFFIXES)}), a checkpoint directory or a run directory with "
+                          f"checkpoints/)")
 
 
-def load_weights_file(path: str | Path) -> Any:
-    """What a weights file holds, never running code from it: `.safetensors` -> its tensors; `.pth`/`.pt`/`.bin`/
-    `.ckpt` (and train_state.pt) -> `torch.load(weights_only=True)`, tensors and plain containers only. A pickle
-    that asks for anything else (a class, a function such as os.system) is refused with a CheckpointError."""
+def read_weights(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a weights file, checkpoint directory or run directory (`resolve_weights_file`),
+    never running code from it. `.safetensors`: its tensors and metadata (ours name the model that wrote them);
+    with `verify`, a file inside a checkpoint directory is first checked against the size and sha256 in its
+    meta.json. `.pth`/`.pt`/`.bin`/`.ckpt`: `torch.load(weights_only=True)` (`load_torch_file`), the usual wrappers
+    taken off ({"model": ...}, {"state_dict": ...}, DDP's "module." prefix); no metadata."""
+    path = resolve_weights_file(path)
+    if path.suffix == ".safetensors":
+        if verify:
+            _verify_file(path)
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"weights file {path} is damaged or not a safetensors file ({err})") from None
+    state: Any = load_torch_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    tensors = {key: value for key, value in state.items() if torch.is_tensor(value)}
+    if not tensors:
+        raise CheckpointError(f"weights file {path} holds no tensors (keys: {sorted(state)[:8]})")
+    return tensors, {}
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """What a `.pth`/`.pt`/`.bin`/`.ckpt` file (or train_state.pt) holds, read with `torch.load(weights_only=True)`:
+    tensors and plain containers only. A pickle that asks for anything else (a class, a function such as
+    os.system) is refused with a CheckpointError, its code never run."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_model_file(path, verify=False)[0]
     if path.suffix not in WEIGHTS_SUFFIXES:
         raise CheckpointError(f"weights file {path}: expected one of {', '.join(WEIGHTS_SUFFIXES)}")
     try:
@@ -203,6 +237,24 @@ def load_weights_file(path: str | Path) -> Any:
         raise unsafe_pickle_error(path, err) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"weights file {path} is damaged or not a torch file ({_first_line(err)})") from None
+
+
+def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+                 ) -> Path:
+    """Write `state_dict` as a safetensors file at `path` atomically: a temporary file renamed into place, so a
+    reader never sees half a file. Tensors are saved as contiguous CPU copies (safetensors refuses views of shared
+    storage)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    _write_safetensors(tmp, state_dict, metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_safetensors(path: Path, state_dict: Mapping[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+    save_file(tensors, str(path), metadata=metadata or {})
 
 
 def unsafe_pickle_error(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:

@@ -97,5 +97,5 @@ def dispatch(args: argparse.Namespace, key: str, default: str, table: dict[str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args("python -m pretrain", "Self-supervised pretraining (MAE).", argv)
+    args = parse_args("python -m pretrain", "Self-supervised pretraining (MAE, UM-MAE, SimMIM, CLIP).", argv)
     return run_entry_point(lambda: dispatch(args, "objective", "mae", OBJECTIVES))

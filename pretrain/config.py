@@ -291,6 +291,46 @@ class LoggingConfig:
     progress_bar: bool = True
 
 
+@dataclass
+class EncoderConfig:
+    """Where an encoder comes from, for every head (linear probe, k-NN, finetuning, distillation teacher, DETR
+    backbone); `pretrain.encoders.build_encoder` turns it into a timm model.
+
+    - "mae": a checkpoint of this project (`python -m pretrain` MAE's ViT, UM-MAE's / SimMIM's Swin; a CLIP run or
+      export; a finetuned classifier): a run directory, checkpoint directory or weights file, its kind read from
+      the file's metadata. checkpoint null: `model_name` (pretrain.models) randomly initialised, the baseline;
+      `model_kwargs` then override its constructor (e.g. depth).
+    - "clip": the timm image tower of our CLIP run / checkpoint / open_clip export; with `open_clip_config`, of any
+      local weights file for that open_clip model config.
+    - "timm": `model_name` is a timm model, `model_kwargs` go to timm.create_model, `checkpoint` is a local weights
+      file (.safetensors, or .pth/.pt/.bin/.ckpt read with torch.load(weights_only=True)); null: random init.
+    - "pixels": no encoder: the normalised pixels are the features (the linear probe's baseline).
+    Position embeddings are resampled to the size the encoder is built at; a head that needs one gets a new one."""
+    source: Literal["mae", "clip", "timm", "pixels"] = "mae"
+    checkpoint: Optional[str] = None
+    model_name: str = "mae_vit_tiny_patch4"
+    model_kwargs: dict = field(default_factory=dict)
+    open_clip_config: Optional[str] = None
+    # the input size the encoder is built at (its position-embedding grid); null: data.image_size
+    image_size: Optional[int] = None
+    # "avg": mean of the patch tokens + a new LayerNorm (fc_norm) in place of the encoder's final norm, as MAE
+    # finetunes; "token": the class token (MAE's linear probe); null: the model's default
+    global_pool: Optional[str] = "avg"
+    drop_path: float = 0.1  # stochastic depth rate (linearly increasing over the blocks, timm's rule)
+    head_init_std: float = 2.0e-5  # a new head: trunc_normal(std), zero bias (MAE)
+
+    def __post_init__(self):
+        check(self.image_size is None or self.image_size > 0, f"'encoder.image_size' must be positive, got {self.image_size}")
+        check(0 <= self.drop_path < 1, f"'encoder.drop_path' must be in [0, 1), got {self.drop_path}")
+        check(self.head_init_std > 0, f"'encoder.head_init_std' must be positive, got {self.head_init_std}")
+        check(self.source != "clip" or self.checkpoint is not None,
+              "'encoder.checkpoint' must name a CLIP run, checkpoint or export when encoder.source=clip")
+        check(not (self.source == "mae" and self.checkpoint and self.model_kwargs),
+              "'encoder.model_kwargs' must be empty with a checkpoint of ours: the checkpoint fixes the architecture")
+        check(self.source != "pixels" or self.checkpoint is None,
+              "'encoder.checkpoint' must be null with encoder.source=pixels (the pixels are the features)")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # MAE pretraining
 # --------------------------------------------------------------------------------------------------------------

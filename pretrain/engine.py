@@ -1,9 +1,11 @@
 """The one training loop every objective uses: backward, step, schedule, log, checkpoint, resume.
 
-What is trained is decided elsewhere: a *task* is a callable `task(model, batch) -> {"loss": tensor, ...}` (the
-other entries are scalar tensors to log), so the same loop runs MAE, CLIP, finetuning and linear probes. accelerate
-places the model, wraps it for DDP and applies mixed precision; the data stream splits itself across processes, and
-the loop only tells it how many batches it already consumed (`start_batch`) so a resumed run continues the stream.
+What is trained is decided elsewhere: a *task* (`pretrain.tasks.Task`: `task(model, batch) -> {"loss": tensor,
+...}`, the other entries scalars to log) and an optional *evaluator* (`pretrain.evaluation.Evaluator`, called every
+few epochs and after the last step), so the same loop runs MAE, CLIP, finetuning, distillation, DETR and linear
+probes. accelerate places the model, wraps it for DDP and applies mixed precision; the data stream splits itself
+across processes, and the loop only tells it how many batches it already consumed (`start_batch`) so a resumed run
+continues the stream. `Trainer.from_config(cfg, run, ...)` builds the loop from a run's config sections.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -28,17 +29,19 @@ from torch import nn
 from .checkpoint import (
     checkpoint_name,
     find_latest,
-    load_model_file,
     load_state_dict_checked,
     load_train_state,
+    read_weights,
     resolve_resume,
     save_checkpoint,
 )
-from .config import ConfigError, LoggingConfig, OptimConfig, TrainConfig, save_config
+from .config import ConfigError, LoggingConfig, OptimConfig, TrainConfig, to_dict
+from .evaluation import Evaluator
+from .run import Run, make_accelerator, training_loader_factory
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 
-Task = Callable[[nn.Module, dict[str, Any]], dict[str, torch.Tensor]]
 LoaderFactory = Callable[[int, int, int], Iterable[dict[str, Any]]]  # (start_batch, rank, world_size) -> batches
 
 
@@ -186,66 +189,6 @@ def build_scheduler(optimizer, schedule: Schedule, min_lr: float):
     )
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 matmul units. Elsewhere (e.g. AVX2-only CPUs) bf16 autocast falls back to
-    reference kernels that run ~100x slower than float32, so `auto` must not pick it there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "no"
-
-
-def make_accelerator(train: TrainConfig):
-    from accelerate import Accelerator
-
-    precision = resolve_precision(train.mixed_precision)
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("'train.mixed_precision' fp16 needs a GPU; on CPU use bf16 (or no)")
-    if train.mixed_precision == "auto":
-        log.info("mixed precision: auto -> %s", precision)
-    # accelerate only sets up CPU-only multi-process runs (torchrun / accelerate launch: gloo) when told cpu=True
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=train.grad_accum_steps,
-                       cpu=not has_accelerator())
-
-
-def has_accelerator() -> bool:
-    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available()
-
-
-def prepare_output_dir(output_dir: str | Path, config: Any, train: TrainConfig, accelerator) -> Path:
-    """Create the run's folder and write the resolved config there. A fresh run (no `train.resume`) into a folder
-    holding an earlier run's checkpoints or log stops here, before anything is written, unless `train.overwrite`."""
-    output_dir = Path(output_dir)
-    log_file, checkpoints = output_dir / "log.jsonl", output_dir / "checkpoints"
-    earlier = find_latest(checkpoints)
-    if not train.resume and (earlier is not None or log_file.exists()):
-        if not train.overwrite:
-            what = f"checkpoints up to {earlier.name}" if earlier else "a log.jsonl"
-            raise ConfigError(
-                f"{output_dir} already holds an earlier run ({what}): continue it with train.resume=latest, "
-                f"replace it with train.overwrite=true, or choose another output_dir"
-            )
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(checkpoints, ignore_errors=True)
-            log_file.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-    return output_dir
-
-
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Each optimizer step reseeds torch from (seed, rank, step): masking noise and dropout are then a function of
     the step alone, so a resumed run draws exactly what the uninterrupted run would have drawn."""
@@ -269,13 +212,13 @@ class Trainer:
         accelerator=None,
         layer_decay: Optional[float] = None,
         skip_guard=None,
-        on_epoch_end: Optional[Callable[["Trainer", int], None]] = None,
+        evaluator: Optional[Evaluator] = None,
         param_group_fn: Optional[Callable[[nn.Module], list[dict[str, Any]]]] = None,
         make_scheduler: Optional[Callable[[Any, Schedule], Any]] = None,
     ):
-        """`on_epoch_end(trainer, epoch)`: called on every process after the optimizer step that completes epoch
-        `epoch` (1-based; every `schedule.steps_per_epoch` steps, after that step's log line and checkpoint), e.g. to
-        evaluate; the loop puts the model back in training mode afterwards. `param_group_fn`: see build_optimizer.
+        """`evaluator`: called on every process after each epoch it is due for (`evaluator.due(epoch)`; after that
+        step's log line, before its checkpoint) and after the run's last step, epoch complete or not; the loop puts
+        the model back in training mode afterwards. `param_group_fn`: see build_optimizer.
         `make_scheduler(optimizer, schedule)`: a timm scheduler (`step_update(step)`) in place of warmup + cosine,
         e.g. DETR's step decay."""
         self.train_cfg, self.optim_cfg, self.logging_cfg = train, optim, logging_cfg
@@ -283,7 +226,7 @@ class Trainer:
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.task = task
         self.skip_guard = skip_guard  # e.g. data.SkipGuard: stops the run when too many samples are unreadable
-        self.on_epoch_end = on_epoch_end
+        self.evaluator = evaluator
         self.make_loader = make_loader
         self.run_config = run_config
         self.model_metadata = model_metadata
@@ -298,6 +241,29 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.step = 0
         self.nonfinite_skips = 0  # updates skipped for a non-finite loss or gradient (train.max_nonfinite_skips)
+        # this process's sum and count of step losses since the last evaluation (the train_loss it records), kept
+        # on the device so that adding a step's loss never waits for the device
+        sum_dtype = torch.float32 if acc.device.type == "mps" else torch.float64
+        self._loss_since_eval = torch.zeros(2, dtype=sum_dtype, device=acc.device)
+
+    @classmethod
+    def from_config(cls, cfg: Any, run: Run, *, model: nn.Module, task: Task, model_metadata: dict[str, str],
+                    transform=None, kind: str = "labelled", tokenizer=None, make_loader: Optional[LoaderFactory] = None,
+                    samples_per_epoch: Optional[int] = None, **options) -> "Trainer":
+        """The loop for a run config (`data`, `train`, `optim`, `logging` sections) and its `setup_run` result:
+        the training stream of `run.train_shards` through `transform` (batches of `kind`; `tokenizer` for
+        image-text), guarded against unreadable data, unless `make_loader` is given (e.g. in-memory features).
+        `options`: the remaining Trainer arguments (evaluator, layer_decay, param_group_fn, make_scheduler)."""
+        from data import SkipGuard
+
+        skip_guard = None
+        if make_loader is None:
+            make_loader = training_loader_factory(run.train_shards, transform, cfg.data, cfg.train, kind, tokenizer)
+            skip_guard = SkipGuard(cfg.data.max_skip_rate, where=f"training data {run.train_shards}")
+        return cls(model=model, task=task, make_loader=make_loader,
+                   samples_per_epoch=samples_per_epoch or run.samples_per_epoch, train=cfg.train, optim=cfg.optim,
+                   logging_cfg=cfg.logging, output_dir=run.output_dir, run_config=to_dict(cfg),
+                   model_metadata=model_metadata, accelerator=run.accelerator, skip_guard=skip_guard, **options)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -363,8 +329,10 @@ class Trainer:
             else:  # raises unless train.max_nonfinite_skips allows skipping this update
                 self._skip_nonfinite(step_totals["loss"], grad_norm, loss_bad)
             self.optimizer.zero_grad(set_to_none=True)
-            if update and hasattr(self.task, "after_optimizer_step"):  # e.g. CLIP clamps its temperature
+            if update:  # e.g. CLIP clamps its temperature, finetuning updates its EMA
                 self.task.after_optimizer_step(self.unwrapped_model)
+                self._loss_since_eval[0] += step_totals["loss"].to(self._loss_since_eval.dtype)
+                self._loss_since_eval[1] += 1
             self.step += 1
             window.add_step(step_totals, sched.global_batch, applied=update)
             progress.update(1)
@@ -372,12 +340,12 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == last_step:
                 last_record = self._log(window, wandb_run, progress)
                 window = _Window()
+            epoch, epoch_done = divmod(self.step, sched.steps_per_epoch)
+            if self.evaluator is not None and epoch_done == 0 and self.evaluator.due(epoch):
+                self._evaluate()
             saved = self.step % cfg.save_every == 0 or self.step == last_step
             if saved:
                 self.save()
-            if self.on_epoch_end is not None and self.step % sched.steps_per_epoch == 0:
-                self.on_epoch_end(self, self.step // sched.steps_per_epoch)
-                self.model.train()
             # pre-emption: the processes agreed on the signal in _step_flags, so they all stop after the same step
             signum = agreed_signum if acc.num_processes > 1 else stop_signal.signum
             if signum and self.step < last_step:
@@ -391,10 +359,27 @@ class Trainer:
                     wandb_run.finish()
                 raise TrainingInterrupted(signum, self.step, self.checkpoints_dir / checkpoint_name(self.step))
         progress.close()
+        if self.evaluator is not None and self.evaluator.last_step != self.step:  # the run ends inside an epoch
+            self._evaluate()
         if wandb_run is not None:
             wandb_run.finish()
         acc.wait_for_everyone()
         return {"step": self.step, "total_steps": sched.total_steps, **last_record}
+
+    def _evaluate(self) -> dict[str, Any]:
+        """Run the evaluator at the current step with the mean training loss since its last call (over processes)."""
+        acc = self.accelerator
+        totals = self._loss_since_eval.clone()
+        if acc.num_processes > 1:
+            totals = acc.reduce(totals, reduction="sum")
+        loss_sum, steps = totals.cpu().tolist()
+        self._loss_since_eval.zero_()
+        full, partial = divmod(self.step, self.schedule.steps_per_epoch)
+        epoch = full if partial == 0 else round(self.step / self.schedule.steps_per_epoch, 4)
+        record = self.evaluator(self.unwrapped_model, acc, epoch=epoch, step=self.step,
+                                train_loss=loss_sum / steps if steps else None)
+        self.model.train()
+        return record
 
     # ------------------------------------------------------------------------------------------------------------
     def _step_flags(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], signum: int) -> tuple[bool, bool, int]:
@@ -490,6 +475,10 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         model_state, optimizer_state = self._full_states()
+        # the losses every process summed since the last evaluation, kept whole by the main process's checkpoint
+        loss_since_eval = self._loss_since_eval.clone()
+        if acc.num_processes > 1:
+            loss_since_eval = acc.reduce(loss_since_eval, reduction="sum")
         path = None
         if acc.is_main_process:
             scaler = getattr(acc, "scaler", None)
@@ -506,6 +495,8 @@ class Trainer:
                 "world_size": acc.num_processes,
                 "global_batch": self.schedule.global_batch,
                 "nonfinite_skips": self.nonfinite_skips,
+                "task": self.task.state_dict(),  # e.g. the finetuning EMA
+                "loss_since_eval": loss_since_eval.cpu(),
             }
             meta = {"epoch": self.step / self.schedule.steps_per_epoch, "total_steps": self.schedule.total_steps}
             path = save_checkpoint(
@@ -556,7 +547,7 @@ class Trainer:
         if path is None:
             log.info("resume=latest: no checkpoint in %s yet, starting from scratch", self.checkpoints_dir)
             return
-        state_dict, _ = load_model_file(path, verify=False)  # resolve_resume verified the checkpoint's sha256
+        state_dict, _ = read_weights(path, verify=False)  # resolve_resume verified the checkpoint's sha256
         state = load_train_state(path)
         self._load_full_states(state_dict, state["optimizer"], path)
         if state["global_batch"] != self.schedule.global_batch or state["world_size"] != self.accelerator.num_processes:
@@ -570,6 +561,9 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.task.load_state_dict(state.get("task", {}))
+        if self.accelerator.is_main_process and "loss_since_eval" in state:  # the others start their sums afresh
+            self._loss_since_eval.copy_(state["loss_since_eval"])
         self.scheduler.step_update(self.step)
         if self.accelerator.is_main_process:
             log.info("resumed from %s at step %d", path, self.step)

@@ -1,4 +1,8 @@
-"""Tasks: the thin layer between a model and the training loop. Each returns {"loss": ..., <scalars to log>}."""
+"""Tasks: the thin layer between a model and the training loop (pretrain/engine.py).
+
+`Task` is the protocol every objective follows; the pretraining tasks live here, the heads' tasks (linear probe,
+finetuning and distillation, DETR) in finetune/tasks.py.
+"""
 from __future__ import annotations
 
 import math
@@ -8,7 +12,31 @@ import torch
 from torch import nn
 
 
-class MAETask:
+class Task:
+    """What the engine asks of an objective.
+
+    - `task(model, batch) -> {"loss": tensor, <name>: scalar tensor, ...}`: the loss to minimise (backward runs on
+      it) and any other scalars to log (`log.jsonl`, wandb), for one (micro-)batch.
+    - `after_optimizer_step(model)`: after every applied update (skipped updates excluded), on the unwrapped model:
+      e.g. CLIP clamps its temperature, finetuning updates its weight EMA.
+    - `state_dict()` / `load_state_dict(state)`: what the task carries from step to step (tensors and plain values
+      only), saved in each checkpoint's train_state.pt and restored on resume, so a resumed run is exact.
+    """
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class MAETask(Task):
     """Reconstruct the masked patches of `batch["image"]` ([B, 3, H, W])."""
 
     def __init__(self, mask_ratio: float):
@@ -19,7 +47,7 @@ class MAETask:
         return {"loss": loss}
 
 
-class CLIPTask:
+class CLIPTask(Task):
     """Symmetric InfoNCE between the image and text embeddings of `batch` ({"image": [B, 3, H, W], "text":
     [B, context]}) with open_clip's `ClipLoss`: the features of every process are gathered (with gradients), so
     the negatives are the whole global batch. Logs the temperature and the in-batch retrieval accuracies of this
@@ -42,8 +70,7 @@ class CLIPTask:
         return {"loss": loss, "logit_scale": logit_scale.detach(), "image_to_text_acc": image_to_text,
                 "text_to_image_acc": text_to_image}
 
-    @staticmethod
-    def after_optimizer_step(model: nn.Module) -> None:
+    def after_optimizer_step(self, model: nn.Module) -> None:
         """CLIP's temperature: the learnable log scale stays in [0, ln 100], so logits are at most 100x cosines."""
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))

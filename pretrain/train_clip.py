@@ -6,11 +6,12 @@ import json
 import logging
 from typing import Any
 
-from data import SkipGuard, clip_train_transform, count_samples
+from data import clip_train_transform
 
-from .config import CLIPPretrainConfig, ConfigError, to_dict
-from .datasets import resolve_shards, training_loader_factory
-from .engine import Trainer, make_accelerator, prepare_output_dir
+from .config import CLIPPretrainConfig, ConfigError
+from .encoders import init_image_tower
+from .engine import Trainer
+from .run import setup_run
 from .tasks import CLIPTask
 from .visualize import save_loss_curve
 
@@ -20,45 +21,28 @@ EXPORT_DIR = "open_clip"
 
 
 def run_clip(cfg: CLIPPretrainConfig) -> dict[str, Any]:
-    from accelerate.utils import set_seed
-
     from .models.clip import create_clip, export_open_clip, tokenizer_for
 
-    accelerator = make_accelerator(cfg.train)
-    output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
-    train_shards, _ = resolve_shards(cfg.data, output_dir, accelerator, captions=True)
-    samples_per_epoch = cfg.data.samples_per_epoch or count_samples(train_shards)
-
-    set_seed(cfg.train.seed)  # the same initial weights on every process
+    run = setup_run(cfg, captions=True)
+    accelerator, output_dir = run.accelerator, run.output_dir
     try:
-        model, name, model_config = create_clip(cfg.model.open_clip_config, cfg.model.image_tower_checkpoint)
+        model, name, model_config = create_clip(cfg.model.open_clip_config)
     except ValueError as err:
-        raise ConfigError(f"'model': {err}") from None
+        raise ConfigError(f"'model.open_clip_config': {err}") from None
+    if cfg.model.image_tower_checkpoint is not None:
+        log.info("image tower from %s", init_image_tower(model, cfg.model.image_tower_checkpoint))
     image_size = model.visual.image_size[0] if hasattr(model.visual, "image_size") else cfg.data.image_size
     if image_size != cfg.data.image_size:
         raise ConfigError(f"'data.image_size' is {cfg.data.image_size} but the image tower of "
                           f"{cfg.model.open_clip_config} takes {image_size}x{image_size} images")
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    tokenizer = tokenizer_for(name)
     transform = clip_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
-
-
-    trainer = Trainer(
-        model=model,
-        task=CLIPTask(cfg.model.local_loss, cfg.model.gather_with_grad, rank=accelerator.process_index,
-                      world_size=accelerator.num_processes),
-        make_loader=training_loader_factory(train_shards, transform, cfg.data, cfg.train, kind="image-text",
-                                            tokenizer=tokenizer),
-        samples_per_epoch=samples_per_epoch,
-        train=cfg.train,
-        optim=cfg.optim,
-        logging_cfg=cfg.logging,
-        output_dir=output_dir,
-        run_config=to_dict(cfg),
+    task = CLIPTask(cfg.model.local_loss, cfg.model.gather_with_grad, rank=accelerator.process_index,
+                    world_size=accelerator.num_processes)
+    trainer = Trainer.from_config(
+        cfg, run, model=model, task=task, transform=transform, kind="image-text", tokenizer=tokenizer_for(name),
         model_metadata={"objective": "clip", "model_name": name, "model_config": json.dumps(model_config)},
-        accelerator=accelerator,
-        skip_guard=SkipGuard(cfg.data.max_skip_rate, where=f"training data {train_shards}"),
     )
     summary = trainer.fit()
 

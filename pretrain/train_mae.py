@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from data import SkipGuard, count_samples, mae_train_transform
+from data import mae_train_transform
 
-from .config import ConfigError, MAEPretrainConfig, to_dict
-from .datasets import first_images, resolve_shards, training_loader_factory
-from .engine import Trainer, make_accelerator, prepare_output_dir
+from .config import ConfigError, MAEPretrainConfig
+from .engine import Trainer
 from .models import create_model
+from .run import first_images, setup_run
 from .tasks import MAETask
 from .visualize import save_loss_curve, save_reconstruction_grid
 
@@ -25,14 +25,8 @@ def model_metadata(model: torch.nn.Module, name: str, objective: str) -> dict[st
 
 
 def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(cfg.train)
-    output_dir = prepare_output_dir(cfg.output_dir, cfg, cfg.train, accelerator)
-    train_shards, val_shards = resolve_shards(cfg.data, output_dir, accelerator)
-    samples_per_epoch = cfg.data.samples_per_epoch or count_samples(train_shards)
-
-    set_seed(cfg.train.seed)  # the same initial weights on every process
+    run = setup_run(cfg)
+    accelerator, output_dir, val_shards = run.accelerator, run.output_dir, run.val_shards
     try:
         model = create_model(cfg.model.name, img_size=cfg.data.image_size, norm_pix_loss=cfg.model.norm_pix_loss,
                              mask_ratio=cfg.model.mask_ratio)
@@ -42,22 +36,8 @@ def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
         model.set_grad_checkpointing(True)
 
     transform = mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
-
-
-    trainer = Trainer(
-        model=model,
-        task=MAETask(cfg.model.mask_ratio),
-        make_loader=training_loader_factory(train_shards, transform, cfg.data, cfg.train),
-        samples_per_epoch=samples_per_epoch,
-        train=cfg.train,
-        optim=cfg.optim,
-        logging_cfg=cfg.logging,
-        output_dir=output_dir,
-        run_config=to_dict(cfg),
-        model_metadata=model_metadata(model, cfg.model.name, "mae"),
-        accelerator=accelerator,
-        skip_guard=SkipGuard(cfg.data.max_skip_rate, where=f"training data {train_shards}"),
-    )
+    trainer = Trainer.from_config(cfg, run, model=model, task=MAETask(cfg.model.mask_ratio), transform=transform,
+                                  model_metadata=model_metadata(model, cfg.model.name, "mae"))
     summary = trainer.fit()
 
     if accelerator.is_main_process:

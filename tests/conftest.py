@@ -50,24 +50,26 @@ def micro_model() -> str:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> tuple[Path, Path]:
     """(train dir, val dir): the first 64 embedded Fashion-MNIST images in 2 shards, the next 16 as val."""
-    from data import read_embedded, write_labelled_shards
+    from data import ShardOptions, read_embedded, write_labelled_shards
 
     root = tmp_path_factory.mktemp("tiny_shards")
     class_names, samples = read_embedded()
     first = list(itertools.islice(iter(samples), TRAIN_IMAGES + 16))
-    write_labelled_shards(first[:TRAIN_IMAGES], root / "train", class_names, shard_size=32, progress=False)
-    write_labelled_shards(first[TRAIN_IMAGES:], root / "val", class_names, prefix="val", progress=False)
+    write_labelled_shards(first[:TRAIN_IMAGES], root / "train", class_names,
+                          options=ShardOptions(shard_size=32, progress=False))
+    write_labelled_shards(first[TRAIN_IMAGES:], root / "val", class_names, prefix="val",
+                          options=ShardOptions(progress=False))
     return root / "train", root / "val"
 
 
 @pytest.fixture(scope="session")
 def tiny_pair_shards(tmp_path_factory, tiny_shards) -> Path:
     """The tiny labelled training shards as image-text pairs with generated captions."""
-    from data import FASHION_MNIST_CLASSES, captioned_pairs, expand_shards, write_pair_shards
+    from data import FASHION_MNIST_CLASSES, ShardOptions, captioned_pairs, expand_shards, write_pair_shards
 
     out = tmp_path_factory.mktemp("pairs")
-    write_pair_shards(captioned_pairs(expand_shards(tiny_shards[0]), FASHION_MNIST_CLASSES), out, shard_size=32,
-                      progress=False)
+    write_pair_shards(captioned_pairs(expand_shards(tiny_shards[0]), FASHION_MNIST_CLASSES), out,
+                      options=ShardOptions(shard_size=32, progress=False))
     return out
 
 

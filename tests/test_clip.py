@@ -68,7 +68,7 @@ def test_the_temperature_is_clamped_at_100_after_each_step(tiny_clip):
     saved = model.logit_scale.detach().clone()
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    CLIPTask.after_optimizer_step(model)
+    CLIPTask().after_optimizer_step(model)
     assert float(model.logit_scale.detach().exp()) == pytest.approx(100.0)
     with torch.no_grad():
         model.logit_scale.copy_(saved)
@@ -156,13 +156,13 @@ def test_checkpoint_and_export_reload_through_open_clip(clip_run, tiny_clip):
 
 
 def test_prompt_ensemble_is_the_renormalised_mean_of_normalised_prompt_embeddings(tiny_clip):
-    from finetune.zeroshot import build_classifier
+    from finetune.zeroshot import zero_shot_weights
 
     model, name, _ = tiny_clip
     tokenizer = tokenizer_for(name)
     templates = ["a photo of a {}.", "a drawing of the {}.", "itap of my {}."]
     names = ["coat", "bag", "sandal"]
-    classifier = build_classifier(model.eval(), tokenizer, names, templates, "cpu")
+    classifier = zero_shot_weights(model.eval(), tokenizer, names, templates, "cpu")
     with torch.no_grad():
         for column, class_name in enumerate(names):
             prompts = F.normalize(model.encode_text(tokenizer([t.format(class_name) for t in templates])), dim=-1)
@@ -202,16 +202,40 @@ def test_zero_shot_names_a_bad_template_file(tmp_path):
 
 def test_an_mae_checkpoint_initialises_the_timm_image_tower(tmp_path):
     from pretrain.checkpoint import save_checkpoint
+    from pretrain.encoders import init_image_tower
     from pretrain.models import create_model
 
     torch.manual_seed(0)
     mae = create_model("mae_vit_tiny_patch4")
     metadata = {"objective": "mae", "model_name": "mae_vit_tiny_patch4", "model_config": json.dumps(mae.config)}
     save_checkpoint(tmp_path / "checkpoints", 1, mae.state_dict(), {}, {}, model_metadata=metadata)
-    model, _, _ = create_clip("vitpretrain-tiny-32", image_tower_checkpoint=str(tmp_path))
+    model, _, _ = create_clip("vitpretrain-tiny-32")
+    init_image_tower(model, tmp_path)
     trunk = model.visual.trunk.state_dict()
     for key, value in mae.encoder_state_dict().items():
         assert torch.equal(trunk[key], value), key
+
+
+@pytest.mark.parametrize("model_name", ["ummae_swin_tiny_cpu", "simmim_swin_tiny_cpu"])
+def test_a_swin_checkpoint_initialises_a_swin_image_tower_and_a_vit_tower_refuses_it(tmp_path, model_name):
+    """UM-MAE's and SimMIM's Swin encoders through the one road into open_clip's timm Swin tower; a ViT tower says
+    which architectures differ instead of a traceback."""
+    from pretrain.checkpoint import CheckpointError, save_checkpoint
+    from pretrain.encoders import init_image_tower
+    from pretrain.models import create_model
+    from pretrain.train_mae import model_metadata
+
+    torch.manual_seed(0)
+    swin = create_model(model_name)
+    save_checkpoint(tmp_path / "checkpoints", 1, swin.state_dict(), {}, {},
+                    model_metadata=model_metadata(swin, model_name, "mae"))
+    model, _, _ = create_clip("vitpretrain-swin-tiny-32")
+    assert "MAE checkpoint" in init_image_tower(model, tmp_path)
+    trunk = model.visual.trunk.state_dict()
+    for key, value in swin.encoder_state_dict().items():
+        assert torch.equal(trunk[key], value), key
+    with pytest.raises(CheckpointError, match=r"\(SwinTransformer\) does not fit the VisionTransformer: .*missing"):
+        init_image_tower(create_clip("vitpretrain-tiny-32")[0], tmp_path)
 
 
 def test_zero_shot_takes_any_open_clip_config_with_a_local_weights_file(clip_run, tiny_clip, tiny_shards, tmp_path,

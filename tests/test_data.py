@@ -3,6 +3,7 @@
 import gzip
 import io
 import json
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 from data import (
     DataError,
     FASHION_MNIST_CLASSES,
+    ShardOptions,
     ShardStream,
     ShardWriter,
     count_samples,
@@ -23,11 +25,13 @@ from data import (
     eval_transform,
     expand_shards,
     mae_train_transform,
+    read_categories,
+    read_class_names,
     read_idx,
     read_image_folder,
     read_manifest,
+    read_shard_stats,
     write_labelled_shards,
-    write_split,
 )
 from data.__main__ import main as data_cli
 
@@ -63,7 +67,7 @@ def idx_shards(tmp_path: Path, count: int, shard_size: int) -> tuple[Path, np.nd
     images, labels = tiny_images(count)
     class_names, samples = read_idx(*write_idx(tmp_path, images, labels))
     out = tmp_path / "shards"
-    write_labelled_shards(samples, out, class_names, shard_size=shard_size, progress=False)
+    write_labelled_shards(samples, out, class_names, options=ShardOptions(shard_size=shard_size, progress=False))
     return out, images, labels
 
 
@@ -137,7 +141,9 @@ def test_image_folder_skips_corrupt_file_and_strict_raises(tmp_path):
 
     class_names, samples = read_image_folder(root)
     assert class_names == ["cat", "dog"] and len(samples) == 4
-    stats = write_labelled_shards(samples, tmp_path / "out", class_names, progress=False)
+    [written] = write_labelled_shards(samples, tmp_path / "out", class_names, options=ShardOptions(progress=False))
+    assert written.directory == tmp_path / "out"
+    stats = written.stats
     assert stats["samples"] == 3
     assert stats["class_counts"] == {"cat": 2, "dog": 1}
     assert stats["skipped"] == {"undecodable_image": 1}
@@ -149,8 +155,8 @@ def test_image_folder_skips_corrupt_file_and_strict_raises(tmp_path):
     assert sorted(int(s["cls"]) for s in read) == [0, 0, 1]
 
     with pytest.raises(DataError, match="broken.png.*undecodable image"):
-        write_labelled_shards(read_image_folder(root).samples, tmp_path / "strict", class_names, strict=True,
-                              progress=False)
+        write_labelled_shards(read_image_folder(root).samples, tmp_path / "strict", class_names,
+                              options=ShardOptions(strict=True, progress=False))
     assert not list((tmp_path / "strict").glob("*.tar*"))  # the aborted shard left nothing behind
     with pytest.raises(DataError, match="does not exist"):
         read_image_folder(tmp_path / "nowhere")
@@ -167,7 +173,8 @@ def test_manifest_csv_names_and_jsonl_ids(tmp_path):
     class_names, samples = read_manifest(csv_file)
     assert class_names == ["ant", "zebra"]
     assert [s.label for s in samples] == [1, 0, 0, 1]
-    stats = write_labelled_shards(samples, tmp_path / "csv_out", class_names, progress=False)
+    [written] = write_labelled_shards(samples, tmp_path / "csv_out", class_names, options=ShardOptions(progress=False))
+    stats = written.stats
     assert stats["samples"] == 3 and stats["class_counts"] == {"ant": 1, "zebra": 2}
     assert stats["skipped"] == {"unreadable_file": 1}
     assert "missing.png" in stats["skipped_examples"][0]["source"]
@@ -231,13 +238,16 @@ def test_cli_idx_with_split_and_error_exit(tmp_path, capsys):
     assert len(error_output.splitlines()) == 1
 
 
-def test_write_split_is_deterministic_by_seed(tmp_path):
+def test_labelled_split_is_deterministic_by_seed(tmp_path):
     images, labels = tiny_images(30)
     paths = write_idx(tmp_path, images, labels)
 
     def val_keys(out, seed):
         class_names, samples = read_idx(*paths)
-        write_split(samples, out, class_names, 0.2, seed, progress=False)
+        train, val = write_labelled_shards(samples, out, class_names, val_fraction=0.2, seed=seed,
+                                           options=ShardOptions(progress=False))
+        assert (train.directory, val.directory) == (out / "train", out / "val")
+        assert (train.stats["samples"], val.stats["samples"]) == (24, 6)
         return {s["__key__"] for s in wds.WebDataset(expand_shards(out / "val"), shardshuffle=False)}
 
     first, again, other = val_keys(tmp_path / "a", 1), val_keys(tmp_path / "b", 1), val_keys(tmp_path / "c", 2)
@@ -269,6 +279,31 @@ def test_expand_shards_and_count_samples(tmp_path):
     (out / "stats.json").unlink()
     with pytest.warns(UserWarning, match="counted samples by reading"):
         assert count_samples(names) == 24
+
+
+def test_read_shard_stats_and_class_names_from_the_stats_json_beside_the_shards(tmp_path):
+    out, _, _ = idx_shards(tmp_path, count=12, shard_size=5)  # 3 shards
+    stats_file = out / "stats.json"
+    names = expand_shards(out)
+    for spec in (out, str(out), names, names[1:], f"{out}/train-{{000001..000002}}.tar", out / "shards.txt"):
+        assert read_shard_stats(spec) == json.loads(stats_file.read_text())
+        assert read_class_names(spec) == ["0", "1", "2"]
+    with pytest.raises(DataError, match=re.escape(f"{stats_file} lists no categories: data.train must be detection "
+                                                  "shards written by `python -m data coco`")):
+        read_categories(out)
+
+    stats_file.write_text(json.dumps({**json.loads(stats_file.read_text()), "classes": []}))
+    with pytest.raises(DataError, match=re.escape(f"{stats_file} lists no classes: these are not labelled shards")):
+        read_class_names(out)
+    stats_file.write_text("{not json")
+    for read in (read_shard_stats, count_samples):
+        with pytest.raises(DataError, match=re.escape(f"{stats_file}: cannot read shard statistics")):
+            read(out)
+    stats_file.unlink()
+    for read in (read_shard_stats, read_class_names, read_categories):
+        with pytest.raises(DataError, match=re.escape(f"{stats_file} does not exist: shard statistics are written "
+                                                      "by `python -m data`")):
+            read(names)
 
 
 # ------------------------------------------------------------------------------------------------ ShardStream

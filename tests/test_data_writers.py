@@ -13,6 +13,8 @@ from PIL import Image
 from data import (
     DataError,
     ImageOptions,
+    ShardOptions,
+    WrittenShards,
     coco_ground_truth,
     decode_detection,
     decode_pair,
@@ -21,6 +23,8 @@ from data import (
     read_image_folder,
     read_pair_folder,
     read_pair_manifest,
+    read_categories,
+    read_class_names,
     write_detection_shards,
     write_labelled_shards,
     write_pair_shards,
@@ -85,8 +89,9 @@ def test_pair_manifest_round_trip(tmp_path, manifest_name):
 
     pairs = read_pair_manifest(manifest)
     assert len(pairs) == 3
-    (stats,) = write_pair_shards(pairs, tmp_path / "out", shard_size=2, progress=False)
-    out = tmp_path / "out"
+    [written] = write_pair_shards(pairs, tmp_path / "out", options=ShardOptions(shard_size=2, progress=False))
+    out, stats = written.directory, written.stats
+    assert out == tmp_path / "out"
     assert stats["samples"] == 3 and stats["skipped"] == {}
     assert stats["shards"] == ["train-000000.tar", "train-000001.tar"]
     assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 2, "train-000001.tar": 1}
@@ -120,7 +125,8 @@ def test_pair_folder_round_trip_and_missing_caption(tmp_path):
 
     pairs = read_pair_folder(root)
     assert len(pairs) == 4
-    (stats,) = write_pair_shards(pairs, tmp_path / "out", progress=False)
+    [written] = write_pair_shards(pairs, tmp_path / "out", options=ShardOptions(progress=False))
+    stats = written.stats
     assert stats["samples"] == 2 and stats["skipped"] == {"missing_caption": 2}
     assert [e["source"].rsplit("/", 1)[-1] for e in stats["skipped_examples"]] == ["000000001.jpg",
                                                                                    "000010001.png"]
@@ -140,7 +146,8 @@ def test_pairs_bad_rows_are_skipped_and_counted_or_raise_when_strict(tmp_path):
     save_image(tmp_path / "no_caption.png", seed=1)
     manifest = tmp_path / "pairs.csv"
     manifest.write_text("path,caption\ngood.png,fine\nbroken.png,bad pixels\nmissing.png,gone\nno_caption.png,\n")
-    (stats,) = write_pair_shards(read_pair_manifest(manifest), tmp_path / "out", progress=False)
+    [written] = write_pair_shards(read_pair_manifest(manifest), tmp_path / "out", options=ShardOptions(progress=False))
+    stats = written.stats
     assert stats["samples"] == 1
     assert stats["skipped"] == {"undecodable_image": 1, "unreadable_file": 1, "missing_caption": 1}
     sources = [e["source"] for e in stats["skipped_examples"]]
@@ -149,7 +156,8 @@ def test_pairs_bad_rows_are_skipped_and_counted_or_raise_when_strict(tmp_path):
     assert stats_of(tmp_path / "out")["skipped"] == stats["skipped"]
 
     with pytest.raises(DataError, match=r"broken\.png \(.*pairs\.csv:3\): undecodable image"):
-        write_pair_shards(read_pair_manifest(manifest), tmp_path / "strict", strict=True, progress=False)
+        write_pair_shards(read_pair_manifest(manifest), tmp_path / "strict",
+                          options=ShardOptions(strict=True, progress=False))
     assert list((tmp_path / "strict").iterdir()) == []  # nothing left behind, not even a temporary file
 
 
@@ -205,12 +213,13 @@ def test_detection_round_trip_counts_bad_boxes_and_rebuilds_ground_truth(tmp_pat
     categories, images = read_coco(annotation_file, images_dir)
     assert categories == CATEGORIES and len(images) == 4
     out = tmp_path / "out"
-    (stats,) = write_detection_shards(images, out, categories, shard_size=2, progress=False)
+    [written] = write_detection_shards(images, out, categories, options=ShardOptions(shard_size=2, progress=False))
+    stats = written.stats
     assert stats["samples"] == 3 and stats["shards"] == ["train-000000.tar", "train-000001.tar"]
     assert stats["skipped"] == {"unreadable_file": 1} and "gone.png" in stats["skipped_examples"][0]["source"]
     assert stats["dropped"] == {"box_outside_image": 1, "degenerate_box": 1}
     assert [e["message"].split(":")[0] for e in stats["dropped_examples"]] == ["annotation 102", "annotation 104"]
-    assert stats["categories"] == CATEGORIES
+    assert stats["categories"] == CATEGORIES and read_categories(out) == CATEGORIES
     assert (stats["boxes"], stats["box_counts"], stats["images_without_boxes"]) == (3, {"cat": 2, "dog": 1}, 1)
 
     samples = read_samples(out)
@@ -228,7 +237,7 @@ def test_detection_round_trip_counts_bad_boxes_and_rebuilds_ground_truth(tmp_pat
 
     with pytest.raises(DataError, match=r"a\.png \(image id 10 .*\): box outside image \(annotation 102:"):
         write_detection_shards(read_coco(annotation_file, images_dir).images, tmp_path / "strict", categories,
-                               strict=True, progress=False)
+                               options=ShardOptions(strict=True, progress=False))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -254,8 +263,8 @@ def test_read_coco_rejects_malformed_entries_naming_them(tmp_path, change, messa
 def test_resize_and_jpeg_reencoding_scale_boxes_and_sizes(tmp_path):
     annotation_file, images_dir, _ = coco_data(tmp_path)
     categories, images = read_coco(annotation_file, images_dir)
-    options = ImageOptions(resize_shorter=10, jpeg_quality=80)
-    write_detection_shards(images, tmp_path / "out", categories, image_options=options, progress=False)
+    shrunk = ShardOptions(image_options=ImageOptions(resize_shorter=10, jpeg_quality=80), progress=False)
+    write_detection_shards(images, tmp_path / "out", categories, options=shrunk)
     samples = read_samples(tmp_path / "out")
     assert all(set(s) & {"png", "jpg"} == {"jpg"} for s in samples)  # every image re-encoded as JPEG
     sizes = [decode_detection(s)[0].size for s in samples]
@@ -273,12 +282,12 @@ def test_resize_and_jpeg_reencoding_scale_boxes_and_sizes(tmp_path):
     save_image(tmp_path / "small" / "x" / "s.png", size=(6, 4))
     (tmp_path / "small" / "x" / "s.txt").write_text("tiny")
     write_pair_shards(read_pair_folder(tmp_path / "small"), tmp_path / "pairs",
-                      image_options=ImageOptions(resize_shorter=10), progress=False)
+                      options=ShardOptions(image_options=ImageOptions(resize_shorter=10), progress=False))
     (sample,) = read_samples(tmp_path / "pairs")
     assert decode_pair(sample)[0].size == (6, 4) and Image.open(io.BytesIO(sample["jpg"])).format == "JPEG"
     classes, labelled = read_image_folder(tmp_path / "small")
-    write_labelled_shards(labelled, tmp_path / "labelled", classes, image_options=ImageOptions(jpeg_quality=50),
-                          progress=False)
+    write_labelled_shards(labelled, tmp_path / "labelled", classes,
+                          options=ShardOptions(image_options=ImageOptions(jpeg_quality=50), progress=False))
     (sample,) = read_samples(tmp_path / "labelled")
     assert sample["cls"] == b"0" and Image.open(io.BytesIO(sample["jpg"])).size == (6, 4)
 
@@ -289,14 +298,16 @@ def test_workers_give_identical_shards(tmp_path):
         save_image(tmp_path / "pairs" / f"{i:04d}.png", size=(20 + i, 16), seed=i)
         (tmp_path / "pairs" / f"{i:04d}.txt").write_text(f"caption {i}" if i != 4 else "")
     (tmp_path / "pairs" / "0006.png").write_bytes(b"corrupt")
-    options = ImageOptions(resize_shorter=8)
+    image_options = ImageOptions(resize_shorter=8)
     for workers in (0, 2):
         categories, images = read_coco(annotation_file, images_dir)
-        write_detection_shards(images, tmp_path / f"coco{workers}", categories, shard_size=2, workers=workers,
-                               image_options=options, progress=False)
-        (stats,) = write_pair_shards(read_pair_folder(tmp_path / "pairs"), tmp_path / f"pairs{workers}",
-                                     shard_size=3, workers=workers, image_options=options, progress=False)
-        assert stats["skipped"] == {"missing_caption": 1, "undecodable_image": 1}
+        write_detection_shards(images, tmp_path / f"coco{workers}", categories,
+                               options=ShardOptions(shard_size=2, workers=workers, image_options=image_options,
+                                                    progress=False))
+        [written] = write_pair_shards(read_pair_folder(tmp_path / "pairs"), tmp_path / f"pairs{workers}",
+                                      options=ShardOptions(shard_size=3, workers=workers, image_options=image_options,
+                                                           progress=False))
+        assert written.stats["skipped"] == {"missing_caption": 1, "undecodable_image": 1}
     for kind in ("coco", "pairs"):
         serial, parallel = tar_bytes(tmp_path / f"{kind}0"), tar_bytes(tmp_path / f"{kind}2")
         assert len(serial) >= 2 and serial == parallel
@@ -318,12 +329,55 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path, workers):
             yield pair
 
     with pytest.raises(KeyboardInterrupt):
-        write_pair_shards(failing_after_twelve(), tmp_path / "out", shard_size=2, workers=workers, progress=False)
+        write_pair_shards(failing_after_twelve(), tmp_path / "out",
+                          options=ShardOptions(shard_size=2, workers=workers, progress=False))
     # Finished shards only (how many depends on how far the pool read ahead): no temp file, no stats.json.
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(names) >= 2 and names == [f"train-{i:06d}.tar" for i in range(len(names))]
     for name in names:
         assert len(list(wds.WebDataset(str(tmp_path / "out" / name), shardshuffle=False))) == 2
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(shard_size=0), "shard_size must be >= 1, got 0"),
+    (dict(workers=-1), "workers must be >= 0, got -1"),
+])
+def test_shard_options_reject_bad_values_naming_the_option(settings, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        ShardOptions(**settings)
+
+
+def test_every_writer_returns_one_written_directory_or_train_and_val(tmp_path):
+    annotation_file, images_dir, _ = coco_data(tmp_path)
+    for i in range(10):
+        save_image(tmp_path / "folder" / ("odd" if i % 2 else "even") / f"{i:04d}.png", seed=i)
+        (tmp_path / "folder" / ("odd" if i % 2 else "even") / f"{i:04d}.txt").write_text(f"caption {i}")
+    writers = {
+        "labelled": lambda out, **split: write_labelled_shards(read_image_folder(tmp_path / "folder").samples, out,
+                                                               ["even", "odd"], **split),
+        "pairs": lambda out, **split: write_pair_shards(read_pair_folder(tmp_path / "folder"), out, **split),
+        "detection": lambda out, **split: write_detection_shards(read_coco(annotation_file, images_dir).images, out,
+                                                                 CATEGORIES, **split),
+    }
+    quiet = ShardOptions(progress=False)
+    for kind, write in writers.items():
+        whole = write(tmp_path / kind, options=quiet)
+        assert [type(w) for w in whole] == [WrittenShards] and whole[0].directory == tmp_path / kind
+        assert whole[0].stats == stats_of(tmp_path / kind)
+
+        split = write(tmp_path / f"{kind}_split", val_fraction=0.5, seed=3, options=quiet)
+        assert [type(w) for w in split] == [WrittenShards, WrittenShards]
+        assert [w.directory for w in split] == [tmp_path / f"{kind}_split" / name for name in ("train", "val")]
+        assert [w.stats for w in split] == [stats_of(w.directory) for w in split]
+        assert sum(w.stats["samples"] for w in split) == whole[0].stats["samples"]
+        assert split[1].stats["shards"] == ["val-000000.tar"]
+
+    assert read_class_names(tmp_path / "labelled") == ["even", "odd"]
+    assert read_categories(tmp_path / "detection_split" / "val") == CATEGORIES
+    with pytest.raises(DataError, match=r"pairs/stats\.json lists no classes: these are not labelled shards"):
+        read_class_names(tmp_path / "pairs")
+    with pytest.raises(DataError, match=r"labelled/stats\.json lists no categories"):
+        read_categories(tmp_path / "labelled")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -375,7 +429,8 @@ def test_detection_image_of_another_size_than_annotated_is_skipped(tmp_path):
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     categories, images = read_coco(tmp_path / "coco.json", tmp_path / "images")
     with pytest.warns(UserWarning, match="no valid samples"):
-        (stats,) = write_detection_shards(images, tmp_path / "out", categories, progress=False)
+        [written] = write_detection_shards(images, tmp_path / "out", categories, options=ShardOptions(progress=False))
+    stats = written.stats
     assert stats["skipped"] == {"size_mismatch": 1} and stats["samples"] == 0
     assert "says 20x10, image is 10x10" in stats["skipped_examples"][0]["message"]
     assert coco_ground_truth(tmp_path / "out") == {"images": [], "annotations": [], "categories": categories}

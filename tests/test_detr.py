@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from finetune.cli import main as finetune_main
-from finetune.config import DetrBackboneConfig
 from finetune.detection import backbone_param_groups, build_backbone, coco_evaluate, detr_from_weights, step_decay
 from finetune.detr import DETR, Backbone, postprocess, sine_position_encoding
 from finetune.detr_loss import HungarianMatcher, SetCriterion, cxcywh_to_xyxy, xyxy_to_cxcywh
+from pretrain.config import EncoderConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -165,7 +165,7 @@ def test_sine_encoding_describes_positions_within_each_unpadded_image():
 @pytest.mark.parametrize("model_name, stride", [("mae_vit_tiny_patch4", 4), ("ummae_swin_tiny_cpu", 8)])
 def test_vit_and_swin_backbones_take_any_input_size(model_name, stride):
     torch.manual_seed(0)
-    backbone, spec, _ = build_backbone(DetrBackboneConfig(model_name=model_name, image_size=32))
+    backbone, spec, _ = build_backbone(EncoderConfig(model_name=model_name, image_size=32, global_pool=None, drop_path=0.0))
     assert backbone.stride == stride and spec["kwargs"]["dynamic_img_size"]
     images, mask = torch.randn(2, 3, 45, 61), torch.zeros(2, 45, 61, dtype=torch.bool)
     mask[1, :, 30:] = True
@@ -178,7 +178,7 @@ def test_vit_and_swin_backbones_take_any_input_size(model_name, stride):
 
 def test_detr_gives_final_and_auxiliary_outputs_of_every_decoder_layer():
     torch.manual_seed(0)
-    backbone, _, _ = build_backbone(DetrBackboneConfig(model_name="mae_vit_tiny_patch4", image_size=32))
+    backbone, _, _ = build_backbone(EncoderConfig(model_name="mae_vit_tiny_patch4", image_size=32, global_pool=None, drop_path=0.0))
     model = DETR(backbone, num_classes=4, hidden_dim=32, num_heads=2, encoder_layers=1, decoder_layers=3,
                  ffn_dim=64, num_queries=7)
     outputs = model(torch.randn(2, 3, 32, 40), torch.zeros(2, 32, 40, dtype=torch.bool))
@@ -229,7 +229,7 @@ def test_coco_evaluation_of_perfect_predictions_is_ap_one():
 @pytest.fixture(scope="module")
 def square_shards(tmp_path_factory):
     """Detection shards of 32 x 32 canvases with 1-2 grey (category 1) or white (category 2) squares."""
-    from data import read_coco, write_detection_shards
+    from data import ShardOptions, read_coco, write_detection_shards
 
     root = tmp_path_factory.mktemp("squares")
     rng = np.random.default_rng(0)
@@ -248,7 +248,8 @@ def square_shards(tmp_path_factory):
             coco["images"].append({"id": image_id, "file_name": f"{image_id}.png", "width": 32, "height": 32})
         (root / f"{split}.json").write_text(json.dumps(coco))
         source = read_coco(root / f"{split}.json", root / split)
-        write_detection_shards(source.images, root / "shards" / split, source.categories, shard_size=8, progress=False)
+        write_detection_shards(source.images, root / "shards" / split, source.categories,
+                               options=ShardOptions(shard_size=8, progress=False))
         dirs[split] = root / "shards" / split
     return dirs
 
@@ -258,7 +259,7 @@ def test_tiny_detr_run_trains_evaluates_and_writes_metrics_weights_and_picture(s
     out = tmp_path / "run"
     argv = [
         "task=detr", f"output_dir={out}", f"data.train={square_shards['train']}", f"data.val={square_shards['val']}",
-        "data.num_workers=0", "data.shuffle_buffer=8", f"backbone.model_name={micro_model}", "backbone.image_size=16",
+        "data.num_workers=0", "data.shuffle_buffer=8", f"encoder.model_name={micro_model}", "encoder.image_size=16",
         "model.hidden_dim=32", "model.num_heads=2", "model.encoder_layers=1", "model.decoder_layers=2",
         "model.ffn_dim=64", "model.num_queries=5", "augment.scales=[24,32]", "augment.max_size=40",
         "augment.crop_scales=[32]", "augment.crop_size=[20,32]", "augment.eval_size=32", "augment.eval_max_size=40",
@@ -294,7 +295,7 @@ def test_two_processes_count_every_evaluation_image_once(square_shards, tmp_path
     out = tmp_path / "ddp"
     argv = [
         "task=detr", f"output_dir={out}", f"data.train={square_shards['train']}", f"data.val={square_shards['val']}",
-        "data.num_workers=0", "data.shuffle_buffer=8", "backbone.model_name=mae_vit_tiny_patch4", "backbone.image_size=32",
+        "data.num_workers=0", "data.shuffle_buffer=8", "encoder.model_name=mae_vit_tiny_patch4", "encoder.image_size=32",
         "model.hidden_dim=32", "model.num_heads=2", "model.encoder_layers=1", "model.decoder_layers=1", "model.ffn_dim=64",
         "model.num_queries=5", "augment.scales=[32]", "augment.max_size=40", "augment.crop_scales=[32]",
         "augment.crop_size=[24,32]", "augment.eval_size=32", "augment.eval_max_size=40", "train.batch_size=4",

@@ -88,11 +88,11 @@ def test_two_process_clip_training_logs_once_and_exports(tiny_pair_shards, tmp_p
 def test_two_processes_split_the_data_with_no_sample_read_twice(tmp_path):
     """2 processes x 2 DataLoader workers over 8 shards: evaluation reads every sample exactly once; each pass of
     finite training too, and the second pass is shuffled differently."""
-    from data import read_embedded, write_labelled_shards
+    from data import ShardOptions, read_embedded, write_labelled_shards
 
     class_names, samples = read_embedded()
     first = list(itertools.islice(iter(samples), 64))
-    write_labelled_shards(first, tmp_path / "shards", class_names, shard_size=8, progress=False)
+    write_labelled_shards(first, tmp_path / "shards", class_names, options=ShardOptions(shard_size=8, progress=False))
     report = tmp_path / "keys.json"
     # 64 samples / (2 processes x batch 4) = 8 batches per process and pass
     launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

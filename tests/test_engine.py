@@ -29,7 +29,7 @@ from pretrain.checkpoint import (
     find_latest,
     is_complete,
     list_checkpoints,
-    load_model_file,
+    read_weights,
     load_train_state,
     resolve_resume,
     save_checkpoint,
@@ -326,7 +326,7 @@ def test_keep_last_prunes_old_checkpoints_but_never_the_one_just_written(tmp_pat
     fake_checkpoint(root, 6, keep_last=2)
     assert [p.name for p in list_checkpoints(root) if is_complete(p)] == ["step_00000005", "step_00000006"]
     assert find_latest(root) == root / "step_00000006"
-    state_dict, metadata = load_model_file(root / "step_00000006")
+    state_dict, metadata = read_weights(root / "step_00000006")
     assert torch.equal(state_dict["weight"], torch.full((16,), 6.0)) and metadata == {"model_name": "x"}
 
 
@@ -392,7 +392,7 @@ def test_a_writer_killed_mid_save_leaves_only_complete_loadable_checkpoints(tmp_
     latest = find_latest(root)
     assert latest == resolve_resume("latest", root)
     step = int(latest.name.split("_")[1])
-    state_dict, _ = load_model_file(latest)
+    state_dict, _ = read_weights(latest)
     assert torch.equal(state_dict["weight"], torch.full((4_000_000,), float(step)))
     assert load_train_state(latest)["step"] == step
 

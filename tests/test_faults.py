@@ -27,10 +27,10 @@ from pretrain.checkpoint import (
     CheckpointError,
     find_latest,
     is_complete,
-    load_model_file,
     load_state_dict_checked,
+    load_torch_file,
     load_train_state,
-    load_weights_file,
+    read_weights,
     resolve_resume,
     sha256_of,
 )
@@ -354,7 +354,7 @@ def test_damaged_checkpoints_are_detected_and_resume_latest_falls_back(tmp_path,
 
     # Loading a damaged file is a clear error naming it.
     with pytest.raises(CheckpointError, match=r"step_00000006/model\.safetensors has \d+ bytes, \d+ when saved"):
-        load_model_file(step6)
+        read_weights(step6)
     with pytest.raises(CheckpointError, match=r"train_state\.pt does not match the sha256 recorded"):
         resolve_resume(str(step4), out / "checkpoints")
     assert not is_complete(step6) and is_complete(step4)  # the cheap check sees the size; the digest needs a read
@@ -469,7 +469,6 @@ def write_malicious(path: Path, marker: Path, legacy: bool) -> Path:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy_pickle"])
 def test_a_weights_file_that_would_run_code_is_refused(tmp_path, tiny_args, capsys, legacy):
-    from finetune.classifiers import read_weights_file
     from pretrain.models import load_official_mae_checkpoint
 
     marker = tmp_path / "pwned"
@@ -480,8 +479,8 @@ def test_a_weights_file_that_would_run_code_is_refused(tmp_path, tiny_args, caps
     assert (tmp_path / "control_marker").exists()
 
     loaders = {
-        "load_weights_file": load_weights_file,
-        "finetune read_weights_file": read_weights_file,
+        "load_torch_file": load_torch_file,
+        "read_weights": read_weights,
         "official MAE weights": lambda p: load_official_mae_checkpoint(create_model("mae_vit_tiny_patch4"), p),
     }
     for what, load in loaders.items():
@@ -508,15 +507,14 @@ def test_a_weights_file_that_would_run_code_is_refused(tmp_path, tiny_args, caps
 
 
 def test_plain_torch_weights_files_still_load(tmp_path):
-    from finetune.classifiers import read_weights_file
-
     state = {"weight": torch.arange(4.0), "bias": torch.zeros(2)}
     torch.save({"model": state, "epoch": 3, "args": {"lr": 1e-3}}, tmp_path / "official.pth")
-    loaded = read_weights_file(tmp_path / "official.pth")
+    loaded, metadata = read_weights(tmp_path / "official.pth")
+    assert metadata == {}
     assert loaded.keys() == state.keys() and torch.equal(loaded["weight"], state["weight"])
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CheckpointError, match=r"broken\.pt is damaged or not a torch file"):
-        load_weights_file(tmp_path / "broken.pt")
+        load_torch_file(tmp_path / "broken.pt")
 
 
 # ------------------------------------------------------------------------------------------------ mismatched checkpoints

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torchvision.transforms import v2
 
-from finetune.classifiers import build_classifier, classifier_from_checkpoint, masked_model_from_checkpoint
 from finetune.classify import RandAugment, finetune_train_transform, posterize
 from finetune.cli import main as finetune_main
-from finetune.config import AugmentConfig, FinetuneEncoderConfig
+from finetune.config import AugmentConfig
 from finetune.distillation import DistillationLoss, FrozenTeacher, hard_distillation, soft_distillation
-from pretrain.checkpoint import save_checkpoint
-from pretrain.config import DataConfig, OptimConfig, TrainConfig
+from pretrain.checkpoint import resolve_weights_file, save_checkpoint
+from pretrain.config import DataConfig, EncoderConfig, OptimConfig, TrainConfig
+from pretrain.encoders import build_encoder, pretraining_model_from_checkpoint
 from pretrain.engine import Schedule, build_optimizer, build_scheduler
 from pretrain.models import create_model
 from pretrain.train_mae import model_metadata
@@ -70,8 +70,8 @@ def finetuned_run(tmp_path_factory, mae_checkpoint, tiny_shards):
 
 
 def test_layer_decay_gives_block_i_of_l_the_scale_decay_to_the_l_minus_i(micro_model):
-    encoder = FinetuneEncoderConfig(model_name=micro_model, model_kwargs={"depth": 3})
-    model, _, _ = build_classifier(encoder, num_classes=5, image_size=16)
+    encoder = EncoderConfig(model_name=micro_model, model_kwargs={"depth": 3})
+    model, _, _ = build_encoder(encoder, 16, num_classes=5)
     optimizer = build_optimizer(model, OptimConfig(), lr=1.0, layer_decay=0.5)
     scale = {name: group["lr_scale"] for group in optimizer.param_groups for name, p in model.named_parameters()
              if any(p is q for q in group["params"])}
@@ -92,10 +92,10 @@ def test_layer_decay_gives_block_i_of_l_the_scale_decay_to_the_l_minus_i(micro_m
 def test_checkpoint_at_one_resolution_finetunes_at_another_with_resampled_pos_embed(mae_checkpoint):
     from timm.layers import resample_abs_pos_embed
 
-    mae, _ = masked_model_from_checkpoint(mae_checkpoint)
+    mae, _ = pretraining_model_from_checkpoint(mae_checkpoint)
     source = mae.encoder_state_dict()
-    encoder = FinetuneEncoderConfig(checkpoint=str(mae_checkpoint), global_pool="avg", drop_path=0.0)
-    model, spec, description = build_classifier(encoder, num_classes=7, image_size=32)  # 16 px -> 32 px: 4x4 -> 8x8
+    encoder = EncoderConfig(checkpoint=str(mae_checkpoint), global_pool="avg", drop_path=0.0)
+    model, spec, description = build_encoder(encoder, 32, num_classes=7)  # 16 px -> 32 px: 4x4 -> 8x8
     assert "MAE checkpoint" in description and spec["kwargs"]["img_size"] == 32
     expected = resample_abs_pos_embed(source["pos_embed"], new_size=[8, 8], old_size=[4, 4], num_prefix_tokens=1)
     assert model.pos_embed.shape == (1, 1 + 64, 32) and torch.allclose(model.pos_embed, expected)
@@ -108,8 +108,8 @@ def test_checkpoint_at_one_resolution_finetunes_at_another_with_resampled_pos_em
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
     # a distilled student: its distillation token's position starts as the class token's
-    encoder = FinetuneEncoderConfig(checkpoint=str(mae_checkpoint), global_pool="token")
-    student, spec, _ = build_classifier(encoder, num_classes=7, image_size=16, distill_token=True)
+    encoder = EncoderConfig(checkpoint=str(mae_checkpoint), global_pool="token")
+    student, spec, _ = build_encoder(encoder, 16, num_classes=7, distill_token=True)
     assert spec["distilled"] and student.pos_embed.shape == (1, 2 + 16, 32)
     assert torch.equal(student.pos_embed[:, 1], source["pos_embed"][:, 0])
     assert torch.equal(student.pos_embed[:, 2:], source["pos_embed"][:, 1:])
@@ -121,10 +121,10 @@ def test_timm_model_with_a_local_weights_file_loads_all_but_the_head(tmp_path):
     kwargs = dict(img_size=32, patch_size=2, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)
     swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, **kwargs)  # e.g. our Swin export
     torch.save({"model": swin.state_dict()}, tmp_path / "swin.pth")
-    encoder = FinetuneEncoderConfig(source="timm", model_name="swin_tiny_patch4_window7_224", global_pool=None,
+    encoder = EncoderConfig(source="timm", model_name="swin_tiny_patch4_window7_224", global_pool=None,
                                     model_kwargs={k: v for k, v in kwargs.items() if k != "img_size"},
                                     checkpoint=str(tmp_path / "swin.pth"))
-    model, spec, _ = build_classifier(encoder, num_classes=3, image_size=32)
+    model, spec, _ = build_encoder(encoder, 32, num_classes=3)
     assert spec["kwargs"]["img_size"] == 32
     loaded = model.state_dict()
     for name, value in swin.state_dict().items():
@@ -192,10 +192,10 @@ def test_distillation_loss_mixes_label_and_teacher_terms_on_the_right_heads():
 
 
 def test_the_teacher_stays_frozen_and_gets_no_gradients(micro_model):
-    teacher_model, _, _ = build_classifier(FinetuneEncoderConfig(model_name=micro_model), num_classes=5, image_size=16)
+    teacher_model, _, _ = build_encoder(EncoderConfig(model_name=micro_model), 16, num_classes=5)
     teacher = FrozenTeacher(teacher_model)
-    student, _, _ = build_classifier(FinetuneEncoderConfig(model_name=micro_model, global_pool="token"),
-                                     num_classes=5, image_size=16, distill_token=True)
+    student, _, _ = build_encoder(EncoderConfig(model_name=micro_model, global_pool="token"), 16, num_classes=5,
+                                  distill_token=True)
     student.set_distilled_training(True)
     container = torch.nn.ModuleDict({"student": student, "teacher": teacher}).train()  # .train() reaches both
     assert container.training and not teacher.training and not teacher_model.training
@@ -209,8 +209,8 @@ def test_the_teacher_stays_frozen_and_gets_no_gradients(micro_model):
 
 
 def test_distilled_student_averages_its_two_heads_at_evaluation(micro_model):
-    encoder = FinetuneEncoderConfig(model_name=micro_model, global_pool="token", head_init_std=0.5)
-    model, _, _ = build_classifier(encoder, num_classes=6, image_size=16, distill_token=True)
+    encoder = EncoderConfig(model_name=micro_model, global_pool="token", head_init_std=0.5)
+    model, _, _ = build_encoder(encoder, 16, num_classes=6, distill_token=True)
     model.set_distilled_training(True)
     images = torch.randn(3, 3, 16, 16)
     cls_logits, dist_logits = model.train()(images)  # dropout-free model: training mode computes the same heads
@@ -239,8 +239,9 @@ def test_finetune_end_to_end_writes_metrics_and_best_and_last_weights(finetuned_
         assert (out / directory / "model.safetensors").is_file(), directory
     with safe_open(str(out / "last" / "model.safetensors"), framework="pt") as f:
         assert f.metadata()["epoch"] == "2" and f.metadata()["objective"] == "finetune"
-    model, spec, weights_file = classifier_from_checkpoint(out)  # the run directory: its best weights
-    assert weights_file == out / "best" / "model.safetensors" and spec["global_pool"] == "avg"
+    assert resolve_weights_file(out) == out / "best" / "model.safetensors"  # the run directory: its best weights
+    model, spec, description = build_encoder(EncoderConfig(checkpoint=str(out)), keep_head=True)
+    assert str(out / "best" / "model.safetensors") in description and spec["global_pool"] == "avg"
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 10)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 8 and "accuracy" not in log[-1]  # no hard-label accuracy under Mixup
@@ -272,7 +273,7 @@ def test_our_swin_mae_checkpoint_finetunes_as_a_timm_swin(tmp_path):
     mae = create_model("ummae_swin_tiny_cpu")
     save_checkpoint(tmp_path / "checkpoints", 1, mae.state_dict(), {"step": 1}, {},
                     model_metadata=model_metadata(mae, "ummae_swin_tiny_cpu", "mae"))
-    model, spec, _ = build_classifier(FinetuneEncoderConfig(checkpoint=str(tmp_path), global_pool=None), 10, 32)
+    model, spec, _ = build_encoder(EncoderConfig(checkpoint=str(tmp_path), global_pool=None), 32, num_classes=10)
     assert spec["builder"] == "swin" and type(model).__name__ == "SwinTransformer"
     loaded = model.state_dict()
     for name, value in mae.encoder_state_dict().items():
@@ -297,10 +298,74 @@ def test_clip_image_tower_finetunes_as_its_timm_model(tmp_path):
 
     clip, name, config = create_clip("vitpretrain-tiny-32")
     export_open_clip(clip, name, config, tmp_path / "export", 32, (0.5,) * 3, (0.5,) * 3)
-    encoder = FinetuneEncoderConfig(source="clip", checkpoint=str(tmp_path / "export"), global_pool="token")
-    model, spec, description = build_classifier(encoder, num_classes=4, image_size=32)
+    encoder = EncoderConfig(source="clip", checkpoint=str(tmp_path / "export"), global_pool="token")
+    model, spec, description = build_encoder(encoder, 32, num_classes=4)
     assert spec["model_name"] == "vitpretrain_vit_tiny_patch4_32" and "CLIP image tower" in description
     loaded = model.state_dict()
     for key, value in clip.visual.trunk.state_dict().items():
         assert torch.equal(loaded[key], value), key
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+# A finetuning process of its own, to be killed: it SIGKILLs itself inside update `kill_at` (after the backward
+# pass, before the optimizer step's EMA update), as a pre-empted job dies, with no chance to save.
+KILLED_FINETUNE = '''
+import os, signal, sys
+import torch
+import finetune.tasks as tasks
+from finetune.cli import main
+
+kill_at = int(sys.argv[1])
+
+class KilledTask(tasks.FinetuneTask):
+    def after_optimizer_step(self, model):
+        if self.updates + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().after_optimizer_step(model)
+
+tasks.FinetuneTask = KilledTask
+import finetune.classify
+finetune.classify.FinetuneTask = KilledTask
+torch.set_num_threads(1)
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def test_a_finetune_with_ema_killed_and_resumed_ends_bit_identical(mae_checkpoint, tiny_shards, tmp_path,
+                                                                    fresh_accelerate_state):
+    """SIGKILL in step 7 of 8 (checkpoints every 2 steps: the resumed run redoes step 7 from step 6): the weights,
+    the EMA's weights, the checkpoint's task state and the evaluation history equal the uninterrupted run's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint import load_train_state
+
+    def argv(out):
+        return finetune_argv("finetune_mae_tiny_fmnist.yaml", out, tiny_shards, f"encoder.checkpoint={mae_checkpoint}",
+                             "ema_decay=0.5", "train.save_every=2")
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert finetune_main(argv(reference)) == 0
+    script = tmp_path / "killed_finetune.py"
+    script.write_text(KILLED_FINETUNE)
+    process = subprocess.run([sys.executable, str(script), "7", *argv(killed)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert process.returncode == -9, process.stderr[-2000:]
+    assert not (killed / "checkpoints" / "step_00000008").exists()
+    assert (killed / "checkpoints" / "step_00000006").is_dir()
+    assert finetune_main([*argv(killed), "train.resume=latest"]) == 0
+
+    for weights in ("last", "ema_last", "checkpoints/step_00000008"):
+        expected, got = load_file(reference / weights / "model.safetensors"), load_file(killed / weights / "model.safetensors")
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), weights
+    expected_ema = load_train_state(reference / "checkpoints" / "step_00000008")["task"]["ema"]
+    got_ema = load_train_state(killed / "checkpoints" / "step_00000008")["task"]["ema"]
+    assert all(torch.equal(expected_ema[k], got_ema[k]) for k in expected_ema)
+    # the EMA really averages: it is not the trained weights
+    last = load_file(reference / "last" / "model.safetensors")
+    assert not torch.equal(last["head.weight"], expected_ema["head.weight"])
+    history = [json.loads((run / "metrics.json").read_text())["history"] for run in (reference, killed)]
+    assert history[0] == history[1]

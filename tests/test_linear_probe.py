@@ -1,4 +1,5 @@
-"""Linear probe: encoders from checkpoints, feature batches, top-k evaluation, and the entry point end to end."""
+"""Linear probe: encoders from checkpoints (MAE's ViT, UM-MAE's and SimMIM's Swin), feature batches, top-k
+evaluation, and the entry point end to end."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,12 @@ import pytest
 import torch
 
 from finetune.cli import main as finetune_main
-from finetune.encoders import build_feature_encoder, mae_from_checkpoint, resolve_weights_file, vit_encoder
+from finetune.features import feature_encoder
 from finetune.linear_probe import LinearProbeHead, evaluate, feature_batches
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, resolve_weights_file
 from pretrain.cli import main as pretrain_main
+from pretrain.config import EncoderConfig
+from pretrain.encoders import build_encoder, pretraining_model_from_checkpoint
 
 
 class _SingleProcess:
@@ -52,26 +55,54 @@ def test_resolve_weights_file_accepts_run_checkpoint_and_file(pretrained_run):
         resolve_weights_file(pretrained_run / "nowhere")
 
 
+def probe_encoder(checkpoint, **kwargs) -> EncoderConfig:
+    """The linear probe's encoder section (its defaults: the model's own pooling, no drop path)."""
+    return EncoderConfig(checkpoint=str(checkpoint), global_pool=None, drop_path=0.0, **kwargs)
+
+
 def test_encoder_from_checkpoint_carries_the_pretrained_weights(pretrained_run):
-    mae = mae_from_checkpoint(pretrained_run)
-    encoder = vit_encoder(mae)
+    mae, _ = pretraining_model_from_checkpoint(pretrained_run)
+    encoder = build_encoder(probe_encoder(pretrained_run)).model  # built at the checkpoint's own size
     for name, value in mae.encoder_state_dict().items():
         assert torch.equal(encoder.state_dict()[name], value), name
     # a larger input resamples the position embeddings instead of failing
-    bigger = vit_encoder(mae, image_size=32)
+    bigger = build_encoder(probe_encoder(pretrained_run), 32).model
     assert bigger.pos_embed.shape[1] == 1 + (32 // 4) ** 2
     assert bigger.forward_features(torch.randn(1, 3, 32, 32)).shape[1] == 1 + 64
 
 
 def test_class_token_features_and_pixel_baseline(pretrained_run):
     images = torch.randn(3, 3, 16, 16)
-    encoder, description = build_feature_encoder("vit", str(pretrained_run), "ignored", 16)
+    encoder, description = feature_encoder(probe_encoder(pretrained_run), 16)
     assert "MAE checkpoint" in description
-    features = encoder.eval()(images)
-    vit = encoder.vit
+    features = encoder(images)
+    vit = encoder.model
     assert torch.allclose(features, vit.forward_features(images)[:, 0])  # class token after the final norm
-    pixels, description = build_feature_encoder("pixels", None, "ignored", 16)
+    pixels, description = feature_encoder(EncoderConfig(source="pixels"), 16)
     assert description == "raw pixels" and torch.equal(pixels(images), images.reshape(3, -1))
+
+
+@pytest.mark.parametrize("model_name", ["ummae_swin_tiny_cpu", "simmim_swin_tiny_cpu"])
+def test_swin_checkpoints_give_average_pooled_features(tmp_path, model_name):
+    """UM-MAE's and SimMIM's Swin encoders through the same road: a timm SwinTransformer with the encoder's
+    weights, features = the final norm's output averaged over the last stage's grid."""
+    from pretrain.checkpoint import save_checkpoint
+    from pretrain.models import create_model
+    from pretrain.train_mae import model_metadata
+
+    torch.manual_seed(0)
+    pretrained = create_model(model_name)
+    save_checkpoint(tmp_path / "checkpoints", 1, pretrained.state_dict(), {"step": 1}, {},
+                    model_metadata=model_metadata(pretrained, model_name, "mae"))
+    encoder, description = feature_encoder(probe_encoder(tmp_path), 32)
+    assert "MAE checkpoint" in description and type(encoder.model).__name__ == "SwinTransformer"
+    loaded = encoder.model.state_dict()
+    for name, value in pretrained.encoder_state_dict().items():
+        assert torch.equal(loaded[name], value), name
+    images = torch.randn(2, 3, 32, 32)
+    features = encoder(images)
+    assert features.shape == (2, 192)  # the last stage's width, 48 x 2^2
+    assert torch.allclose(features, encoder.model.forward_features(images).mean(dim=(1, 2)), atol=1e-6)
 
 
 def test_probe_head_is_batchnorm_without_affine_then_linear():
@@ -118,7 +149,7 @@ def test_linear_probe_end_to_end_writes_metrics(pretrained_run, tiny_shards, tmp
 
 def test_linear_probe_baselines_run(tiny_shards, micro_model, tmp_path, single_thread):
     pixels = tmp_path / "pixels"
-    assert finetune_main(probe_argv(pixels, tiny_shards, "encoder.kind=pixels")) == 0
+    assert finetune_main(probe_argv(pixels, tiny_shards, "encoder.source=pixels")) == 0
     assert json.loads((pixels / "metrics.json").read_text())["feature_dim"] == 3 * 16 * 16
     random_init = tmp_path / "random"
     assert finetune_main(probe_argv(random_init, tiny_shards, f"encoder.model_name={micro_model}")) == 0
@@ -130,3 +161,27 @@ def test_linear_probe_bad_checkpoint_is_one_clear_error(tiny_shards, tmp_path, c
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no model weights found") and str(tmp_path / "missing") in err[-1]
+
+
+def test_linear_probe_end_to_end_on_a_swin_checkpoint(tiny_shards, tmp_path, single_thread):
+    """A UM-MAE Swin pretrained through `python -m pretrain`, then probed through `python -m finetune`."""
+    train_dir, val_dir = tiny_shards
+    run = tmp_path / "ummae"
+    assert pretrain_main(["model.name=ummae_swin_tiny_cpu", f"data.train={train_dir}", f"data.val={val_dir}",
+                          "data.num_workers=0", "train.batch_size=16", "train.epochs=1", "train.mixed_precision=no",
+                          "logging.wandb=disabled", "logging.progress_bar=false", "num_pictures=0",
+                          f"output_dir={run}"]) == 0
+    out = tmp_path / "probe"
+    assert finetune_main(probe_argv(out, tiny_shards, f"encoder.checkpoint={run}", "data.image_size=32")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["feature_dim"] == 192 and metrics["num_samples"] == 16 and "MAE checkpoint" in metrics["encoder"]
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
+
+
+def test_linear_probe_of_weights_from_elsewhere_names_the_formats_and_the_way_out(tiny_shards, tmp_path, capsys):
+    torch.save({"model": {"weight": torch.zeros(2)}}, tmp_path / "someone_elses.pth")
+    status = finetune_main(probe_argv(tmp_path / "x", tiny_shards, f"encoder.checkpoint={tmp_path / 'someone_elses.pth'}"))
+    assert status == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'someone_elses.pth'} is not a checkpoint of this project")
+    assert "encoder.source=timm" in line and "UM-MAE or SimMIM Swin" in line

@@ -74,7 +74,7 @@ def test_train_compile_trains_like_eager_and_checkpoints_plain_weights(tmp_path,
                                                                       fresh_accelerate_state, monkeypatch):
     import torch._inductor.config as inductor_config
 
-    from pretrain.checkpoint import find_latest, load_model_file
+    from pretrain.checkpoint import find_latest, read_weights
     from pretrain.cli import main
 
     monkeypatch.setattr(inductor_config, "fallback_random", True)  # compiled torch.rand draws eager's masks
@@ -90,7 +90,7 @@ def test_train_compile_trains_like_eager_and_checkpoints_plain_weights(tmp_path,
                 pytest.skip(f"torch.compile cannot compile here: {type(err).__name__}: {str(err)[:200]}")
             raise
         losses[name] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
-        weights[name], _ = load_model_file(find_latest(out / "checkpoints"))
+        weights[name], _ = read_weights(find_latest(out / "checkpoints"))
         assert (out / "reconstructions.png").is_file()
     assert len(losses["compiled"]) == 2 and losses["eager"][1] != losses["eager"][0]
     # the second loss is after one AdamW update: the compiled step moved the weights as the eager one did

@@ -17,6 +17,7 @@ from data import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     DataError,
+    ShardOptions,
     ShardStream,
     ShardWriter,
     SkipGuard,
@@ -89,7 +90,8 @@ def test_image_text_stream_tokenizes_captions_with_open_clip(tmp_path):
     for i, caption in enumerate(captions):
         (folder / f"{i:04d}.png").write_bytes(encoded((200, 10 * i, 0), size=(20, 12)))
         (folder / f"{i:04d}.txt").write_text(caption)
-    write_pair_shards(read_pair_folder(folder), tmp_path / "shards", shard_size=4, progress=False)
+    write_pair_shards(read_pair_folder(folder), tmp_path / "shards",
+                      options=ShardOptions(shard_size=4, progress=False))
     with ShardWriter(tmp_path / "shards", prefix="extra") as writer:  # a pair that lost its caption
         writer.write({"__key__": "nocaption", "png": encoded("blue")})
 
@@ -125,7 +127,8 @@ def detection_shards(tmp_path) -> Path:
     coco["annotations"].append({"id": 99, "image_id": 1, "bbox": [0, 0, 5, 5], "category_id": 3, "iscrowd": 1})
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     source = read_coco(tmp_path / "coco.json", images_dir)
-    write_detection_shards(source.images, tmp_path / "shards", source.categories, shard_size=2, progress=False)
+    write_detection_shards(source.images, tmp_path / "shards", source.categories,
+                           options=ShardOptions(shard_size=2, progress=False))
     return tmp_path / "shards"
 
 

@@ -2,8 +2,10 @@
 text transformer and tokenizer. Nothing here re-implements CLIP; this file only
 
 - registers this package's model configs (`open_clip_configs/*.json`) and the timm towers they name that timm does
-  not ship (small ViTs shaped like our MAE encoders, so an MAE checkpoint can initialise the image tower);
-- builds a model by config name or JSON file, optionally with the image tower initialised from an MAE checkpoint;
+  not ship (a small ViT and a small Swin shaped like our CPU MAE / UM-MAE / SimMIM encoders, so such a checkpoint
+  can initialise the image tower);
+- builds a model by config name or JSON file (`pretrain.encoders.init_image_tower` starts its image tower from one
+  of our checkpoints, through the one road from a checkpoint to an encoder);
 - exports a trained model as an open_clip folder (`open_clip_config.json` + `open_clip_model.safetensors`) and loads
   our checkpoints, exports or any open_clip config with a local weights file back.
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import open_clip
 from timm.models import register_model
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -43,6 +46,21 @@ def vitpretrain_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> Vision
     model = VisionTransformer(patch_size=4, embed_dim=192, depth=6, num_heads=3, **kwargs)
     size = kwargs["img_size"]
     model.pretrained_cfg = model.default_cfg = {"input_size": (3, size, size), "num_classes": 0}  # as timm attaches
+    return model
+
+
+@register_model
+def vitpretrain_swin_tiny_patch2_32(pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """The encoder of `ummae_swin_tiny_cpu` / `simmim_swin_tiny_cpu`: 32x32 images, 2x2 patches, 48 wide, stages of
+    2/2/2 blocks, windows of 4."""
+    if pretrained:
+        raise ValueError("vitpretrain_swin_tiny_patch2_32 has no published weights; load a checkpoint instead")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    kwargs.setdefault("img_size", 32)
+    model = SwinTransformer(patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12), window_size=4, **kwargs)
+    size = kwargs["img_size"]
+    model.pretrained_cfg = model.default_cfg = {"input_size": (3, size, size), "num_classes": 0}
     return model
 
 
@@ -92,32 +110,11 @@ def ensure_registered(name: str, config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def create_clip(name_or_file: str, image_tower_checkpoint: str | None = None) -> tuple[nn.Module, str, dict]:
-    """(open_clip CLIP model, config name, config dict); `image_tower_checkpoint`: an MAE run, checkpoint or
-    weights file whose encoder initialises the timm image tower (shapes must match; the tower's position
-    embeddings are resampled when the image size differs)."""
+def create_clip(name_or_file: str) -> tuple[nn.Module, str, dict]:
+    """(open_clip CLIP model, config name, config dict). `pretrain.encoders.init_image_tower` then starts its timm
+    image tower from one of our checkpoints, where a run asks for it."""
     name, config = resolve_model_config(name_or_file)
-    model = open_clip.create_model(name, pretrained=None)
-    if image_tower_checkpoint is not None:
-        load_mae_into_image_tower(model, image_tower_checkpoint)
-    return model, name, config
-
-
-def load_mae_into_image_tower(model: nn.Module, checkpoint: str | Path) -> None:
-    from finetune.encoders import mae_from_checkpoint, vit_encoder  # (finetune builds on pretrain, not the reverse)
-
-    trunk = getattr(model.visual, "trunk", None)
-    if not isinstance(trunk, VisionTransformer):
-        raise ValueError(f"an MAE checkpoint can initialise a timm ViT image tower, not {type(model.visual).__name__}"
-                         f"/{type(trunk).__name__}")
-    encoder = vit_encoder(mae_from_checkpoint(checkpoint), image_size=trunk.patch_embed.img_size[0])
-    from pretrain.checkpoint import state_dict_mismatch
-
-    source = encoder.state_dict()
-    problems = state_dict_mismatch(trunk.state_dict(), source)
-    if problems is not None:
-        raise ValueError(f"MAE checkpoint {checkpoint} does not fit the image tower: {problems}")
-    trunk.load_state_dict(source)
+    return open_clip.create_model(name, pretrained=None), name, config
 
 
 def export_open_clip(model: nn.Module, name: str, config: dict, out_dir: str | Path, image_size: int,
@@ -125,7 +122,7 @@ def export_open_clip(model: nn.Module, name: str, config: dict, out_dir: str | P
     """Write `out_dir/open_clip_config.json` + `open_clip_model.safetensors`: loads with
     `open_clip.create_model_and_transforms("local-dir:" + out_dir)`, no import of this package needed unless the
     image tower is one of the timm towers registered above."""
-    from safetensors.torch import save_file
+    from ..checkpoint import save_weights
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,8 +130,7 @@ def export_open_clip(model: nn.Module, name: str, config: dict, out_dir: str | P
                   "resize_mode": "shortest"}
     (out_dir / EXPORT_CONFIG_FILE).write_text(json.dumps({"model_name": name, "model_cfg": config,
                                                           "preprocess_cfg": preprocess}, indent=2) + "\n")
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(out_dir / EXPORT_WEIGHTS_FILE))
+    save_weights(out_dir / EXPORT_WEIGHTS_FILE, model.state_dict())
     return out_dir
 
 
@@ -147,7 +143,7 @@ def load_clip(weights: str | Path, model_config: str | None = None) -> tuple[nn.
     """
     import pickle
 
-    from pretrain.checkpoint import load_model_file, load_state_dict_checked, unsafe_pickle_error
+    from ..checkpoint import load_state_dict_checked, read_weights, resolve_weights_file, unsafe_pickle_error
 
     weights = Path(weights)
     if model_config is not None:
@@ -163,10 +159,8 @@ def load_clip(weights: str | Path, model_config: str | None = None) -> tuple[nn.
         ensure_registered(name, exported["model_cfg"])
         model = open_clip.create_model(name, pretrained=str(weights / EXPORT_WEIGHTS_FILE))
         return model.eval(), name
-    from finetune.encoders import resolve_weights_file
-
     weights_file = resolve_weights_file(weights)
-    state_dict, metadata = load_model_file(weights_file)
+    state_dict, metadata = read_weights(weights_file)
     if metadata.get("objective") != "clip" or "model_config" not in metadata:
         raise ValueError(f"{weights_file} is not a CLIP checkpoint of this project (metadata keys "
                          f"{sorted(metadata)}); for other weights give the open_clip model config too")

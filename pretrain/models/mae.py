@@ -27,6 +27,7 @@ import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from ..checkpoint import read_weights, state_dict_mismatch
 from .pos_embed import sincos_pos_embed_2d
 
 NORM_PIX_EPS = 1e-6  # added to the per-patch variance of the target, as in MAE
@@ -316,20 +317,9 @@ def load_official_mae_checkpoint(
     has_decoder = any(k not in encoder_keys for k in state_dict if k in expected)
     required = list(expected) if has_decoder else encoder_keys
 
-    missing = [k for k in required if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in required]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in required
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{what}: {keys}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-            if keys
-        ]
-        raise ValueError(f"MAE checkpoint {source} does not fit the model; " + "; ".join(problems))
+    problems = state_dict_mismatch({k: expected[k] for k in required}, state_dict)
+    if problems is not None:
+        raise ValueError(f"MAE checkpoint {source} does not fit the model; {problems}")
 
     model.load_state_dict({k: state_dict[k] for k in required}, strict=False)
     return {
@@ -341,14 +331,8 @@ def load_official_mae_checkpoint(
 
 def _read_state_dict(path_or_state_dict: str | Path | Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
     if isinstance(path_or_state_dict, (str, Path)):
-        path = Path(path_or_state_dict)
-        if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
-            raise ValueError(f"MAE checkpoint {path}: expected a .pth or .safetensors file")
-        from ..checkpoint import load_weights_file  # never runs code from the file: safetensors / weights_only
-
-        checkpoint: Mapping[str, Any] = load_weights_file(path)
-    else:
-        checkpoint = path_or_state_dict
+        return read_weights(path_or_state_dict)[0]  # never runs code; takes off the {"model": ...} wrapper
+    checkpoint = path_or_state_dict
     if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
         checkpoint = checkpoint["model"]  # the official training checkpoints wrap the weights
     return checkpoint
