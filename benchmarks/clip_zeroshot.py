@@ -51,7 +51,8 @@ def main() -> None:
     write_split(args.fashion_mnist, shards, seconds)
     if not (pairs / "stats.json").is_file():
         seconds["caption shards"] = run("captions", data_main, [
-            "captions", "--shards", str(shards / "train"), "--out", str(pairs), "--shard-size", "5000", "--no-progress"])
+            "captions", "--shards", str(shards / "train"), "--out", str(pairs), "--shard-size", "5000", "--no-progress",
+            "--overwrite"])
     pretrain_argv = ["--config", str(REPO / "configs/clip_vit_tiny_fmnist.yaml"), f"output_dir={clip_dir}",
                      f"data.train={pairs}"]
     if args.epochs:

@@ -145,7 +145,8 @@ def ensure_shards(image_dir: Path, shard_dir: Path, images_info: dict, num_shard
     print(f"writing shards to {shard_dir} ...", flush=True)
     class_names, samples = read_image_folder(image_dir)
     # Several shards per reading slot, as in real use; with fewer shards than slots every slot reads all of them.
-    options = ShardOptions(shard_size=math.ceil(len(samples) / num_shards), strict=True, progress=False)
+    options = ShardOptions(shard_size=math.ceil(len(samples) / num_shards), strict=True, progress=False,
+                           overwrite=True)
     write_labelled_shards(samples, shard_dir, class_names, options=options,
                           metadata={"bench_images": images_info["settings"]})
 

@@ -138,7 +138,8 @@ def make_dataset(work: Path, args) -> dict:
         annotations = write_coco_split(name, count, images[start:stop], labels[start:stop], coco, args, seed)
         source_set = read_coco(annotations, coco / name)
         [written] = write_detection_shards(source_set.images, shards / name, source_set.categories,
-                                           options=ShardOptions(shard_size=max(1, count // 4), progress=False))
+                                           options=ShardOptions(shard_size=max(1, count // 4), progress=False,
+                                                                overwrite=True))
         stats = written.stats
         description["splits"][name] = {"images": count, "boxes": stats["boxes"], "items": f"[{start}, {stop})"}
     described.write_text(json.dumps(description, indent=2))

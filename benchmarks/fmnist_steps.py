@@ -27,5 +27,6 @@ def write_split(fashion_mnist: str | Path, shards: Path, seconds: dict[str, floa
     seconds["write shards"] = run("shards", data_main, [
         "idx", "--images", str(src / "train-images-idx3-ubyte.gz"), "--labels", str(src / "train-labels-idx1-ubyte.gz"),
         "--out", str(shards), "--val-fraction", "0.1", "--seed", "0", "--shard-size", "5000", "--no-progress",
+        "--overwrite",
         "--classes", ",".join(FASHION_MNIST_CLASSES),
     ])

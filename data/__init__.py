@@ -7,7 +7,8 @@ Writing:   sources (read_idx, read_image_folder, read_manifest) -> write_labelle
            val_fraction/seed, writes sizes.json/shards.txt/stats.json, returns a WrittenShards per directory
 Reading:   expand_shards / expand_sources ("a::b" mixes sources), count_samples -> ShardStream (kind "labelled",
            "image-text" or "detection"; evaluation, finite epochs or resampled) -> make_loader; SkipGuard
-           read_shard_stats, read_class_names, read_categories: the stats.json beside the shards
+           read_shard_stats, read_class_names (read_matching_class_names: train vs val), read_categories:
+           the stats.json beside the shards
            transforms per objective: mae_train_transform, eval_transform, clip_*_transform, detection_*_transform
 Offline:   ensure_embedded_shards (3000 Fashion-MNIST images shipped with the package), ensure_embedded_pair_shards
            (the same with captions written from the labels, data.captions)
@@ -27,7 +28,15 @@ from .guard import SkipGuard
 from .images import ImageOptions
 from .pairs import ImageTextPair, decode_pair, read_pair_folder, read_pair_manifest, write_pair_shards
 from .samples import DetectionSamples, ImageTextSamples, LabelledSamples
-from .shards import count_samples, expand_shards, expand_sources, read_categories, read_class_names, read_shard_stats
+from .shards import (
+    count_samples,
+    expand_shards,
+    expand_sources,
+    read_categories,
+    read_class_names,
+    read_matching_class_names,
+    read_shard_stats,
+)
 from .sources import IMAGE_EXTENSIONS, LabelledImage, LabelledSource, read_idx, read_image_folder, read_manifest
 from .stream import ShardStream, make_loader
 from .transforms import (
@@ -101,6 +110,7 @@ __all__ = [
     "read_image_folder",
     "read_categories",
     "read_class_names",
+    "read_matching_class_names",
     "read_manifest",
     "read_pair_folder",
     "read_pair_manifest",

@@ -11,12 +11,17 @@
 
 With --val-fraction 0 (the default) all samples go to OUT/train-NNNNNN.tar; otherwise to OUT/train/ and OUT/val/.
 Images are stored as they are unless --resize-shorter or --jpeg-quality asks for a JPEG re-encoding.
+
+OUT must be new or empty; --overwrite replaces the shards an earlier run wrote there (other files stay). While a
+run writes, each output directory holds an INCOMPLETE file; a run that is killed or fails leaves it behind.
+Bad input ends with one `error:` line and exit status 2; writing no sample at all is such an error too.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .captions import captioned_pairs
@@ -27,7 +32,7 @@ from .images import ImageOptions
 from .pairs import read_pair_folder, read_pair_manifest, write_pair_shards
 from .shards import expand_shards, read_class_names
 from .sources import read_idx, read_image_folder, read_manifest
-from .writer import ShardOptions, WrittenShards, write_labelled_shards
+from .writer import INCOMPLETE_FILE, STATS_FILE, ShardOptions, WrittenShards, write_labelled_shards
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--workers", type=int, default=0,
                         help="threads checking and encoding images (0: in the main thread); same output")
     common.add_argument("--strict", action="store_true", help="fail on the first sample that would be skipped")
+    common.add_argument("--overwrite", action="store_true",
+                        help="write into an OUT that holds files, replacing the shards an earlier run wrote there")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     parser = argparse.ArgumentParser(prog="python -m data", description=__doc__.splitlines()[0])
@@ -79,6 +86,9 @@ def _read_labelled(args):
             classes = [c.strip() for c in classes[0].split(",")]
         return read_idx(args.images, args.labels, class_names=classes)
     if args.command == "folder":
+        if Path(args.out).resolve().is_relative_to(Path(args.root).resolve()):  # it would become a class
+            raise DataError(f"--out {args.out} lies inside --root {args.root}: choose an output outside the image "
+                            f"folder, whose sub-folders are the classes")
         return read_image_folder(args.root)
     if args.command == "manifest":
         return read_manifest(args.file)
@@ -93,6 +103,10 @@ def _write(args, options: ShardOptions) -> list[WrittenShards]:
         return write_pair_shards(pairs, args.out, **every_kind)
     if args.command == "captions":
         shards = expand_shards(args.shards)
+        out = Path(args.out).resolve()
+        inside = next((shard for shard in shards if Path(shard).resolve().is_relative_to(out)), None)
+        if inside is not None:  # --overwrite would delete the shards being read
+            raise DataError(f"--out {args.out} holds the input shard {inside}: write the pairs elsewhere")
         pairs = captioned_pairs(shards, read_class_names(shards), seed=args.seed)
         return write_pair_shards(pairs, args.out, **every_kind)
     if args.command == "coco":
@@ -119,23 +133,54 @@ def _summary(out: str, written: WrittenShards) -> str:
             f"{what}{stats['bytes'] / 1e6:.1f} MB, skipped: {skipped}{dropped}")
 
 
+def _source(args) -> str:
+    """The input the arguments name, for messages."""
+    for name in ("annotations", "images", "root", "file", "manifest", "folder", "shards"):
+        if getattr(args, name, None):
+            return getattr(args, name)
+    return "the embedded Fashion-MNIST images"
+
+
+def _nothing_written(args, written: WrittenShards) -> str:
+    stats = written.stats
+    skipped = sum(stats["skipped"].values())
+    if not skipped:
+        return f"{written.directory}: no samples written: {_source(args)} holds none"
+    reasons = ", ".join(f"{reason}={n}" for reason, n in stats["skipped"].items())
+    example = stats["skipped_examples"][0]
+    return (f"{written.directory}: no samples written: all {skipped} of {_source(args)} were skipped ({reasons}; "
+            f"e.g. {example['source']}: {example['message']}); see {written.directory / STATS_FILE}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.shard_size < 1 or not 0.0 <= args.val_fraction < 1.0 or args.workers < 0:
-            raise DataError(f"--shard-size must be >= 1, --val-fraction in [0, 1) and --workers >= 0 "
-                            f"(got {args.shard_size}, {args.val_fraction}, {args.workers})")
+        if (args.shard_size < 1 or not 0.0 <= args.val_fraction < 1.0 or args.workers < 0
+                or (args.max_shard_bytes is not None and args.max_shard_bytes < 1)):
+            raise DataError(f"--shard-size and --max-shard-bytes must be >= 1, --val-fraction in [0, 1) and "
+                            f"--workers >= 0 (got {args.shard_size}, {args.max_shard_bytes}, {args.val_fraction}, "
+                            f"{args.workers})")
         try:
             image_options = ImageOptions(args.resize_shorter, args.jpeg_quality)
         except ValueError as error:
             raise DataError(f"--resize-shorter/--jpeg-quality: {error}") from None
         options = ShardOptions(shard_size=args.shard_size, max_bytes=args.max_shard_bytes, strict=args.strict,
-                               progress=not args.no_progress, workers=args.workers, image_options=image_options)
-        for written in _write(args, options):
+                               progress=not args.no_progress, workers=args.workers, image_options=image_options,
+                               overwrite=args.overwrite)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no valid samples were written")  # an error below
+            written_directories = _write(args, options)
+        for written in written_directories:
+            if written.stats["samples"] == 0:
+                raise DataError(_nothing_written(args, written))
             print(_summary(args.out, written))
-    except DataError as error:
+    except (DataError, OSError) as error:  # OSError: an I/O failure no reader or writer put into words
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; shards written under {args.out} stay marked by an {INCOMPLETE_FILE} file",
+              file=sys.stderr)
+        return 130
     return 0
 
 

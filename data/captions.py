@@ -12,7 +12,11 @@ import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from .errors import DataError
 from .pairs import ImageTextPair
+from .sources import IMAGE_EXTENSIONS
 
 # Everyday nouns per Fashion-MNIST class; other data sets fall back to the lower-cased class name.
 CLASS_NOUNS: dict[str, tuple[str, ...]] = {
@@ -63,24 +67,48 @@ def caption_for(class_name: str, rng: random.Random) -> str:
     return text[0].upper() + text[1:]
 
 
-def labelled_shard_samples(shards: Sequence[str]) -> Iterator[tuple[str, str, bytes, int]]:
-    """(key, image extension, image bytes, label) of every sample of labelled shards, in order."""
-    import webdataset as wds
+def _raw_samples(shards: Sequence[str]) -> Iterator[tuple[str, dict]]:
+    """(shard, raw sample) for every sample of the shards, in order, on whichever process calls this (e.g. the main
+    one while writing the embedded pairs). A shard that cannot be read (missing, truncated, not a tar) is a
+    DataError naming it: how many samples it lost is unknown."""
+    for shard in shards:
+        try:
+            with open(shard, "rb") as stream:
+                for raw in group_by_keys(tar_file_expander([{"url": shard, "stream": stream}])):
+                    yield shard, raw
+        except Exception as error:  # tarfile, gzip and OS errors (a consumer that stops early raises GeneratorExit)
+            detail = getattr(error, "strerror", None) or (error.args[0] if error.args else "")
+            raise DataError(f"{shard}: cannot read this labelled shard ({type(error).__name__}: {detail})") from None
 
-    from .sources import IMAGE_EXTENSIONS
 
-    # every shard, on whichever process calls this (e.g. the main one while writing the embedded pairs)
-    whole = dict(shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-    for sample in wds.WebDataset(list(shards), **whole):
-        ext = next((k for k in sample if k.lower() in IMAGE_EXTENSIONS), None)
-        if ext is None or "cls" not in sample:
-            continue  # counted by the pair writer's stats as missing: there is no pair to write
-        yield sample["__key__"], ext, sample[ext], int(sample["cls"].decode().strip())
+def _class_of(raw: dict, class_names: Sequence[str]) -> tuple[int | None, tuple[str, str] | None]:
+    """(label, None), or (None, (reason, message)) for a sample that cannot be captioned."""
+    if "cls" not in raw:
+        return None, ("missing_field", "no cls field")
+    try:
+        label = int(raw["cls"].decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        return None, ("bad_label", f"cls is {raw['cls'][:20]!r}")
+    if not 0 <= label < len(class_names):
+        return None, ("bad_label", f"label {label} outside the {len(class_names)} classes of the shards' stats.json")
+    return label, None
 
 
 def captioned_pairs(shards: Sequence[str], class_names: Sequence[str], seed: int = 0) -> Iterator[ImageTextPair]:
-    """Image-text pairs from labelled shards: each image with one caption for its class (reproducible by seed)."""
+    """Image-text pairs from labelled shards: each image with one caption for its class (reproducible by seed).
+
+    A sample without an image or a valid class becomes a pair the writer skips and counts (by `problem`).
+    """
     rng = random.Random(seed)
-    for key, ext, image_bytes, label in labelled_shard_samples(shards):
+    for shard, raw in _raw_samples(shards):
+        key = raw["__key__"]
+        ext = next((k for k in raw if k.lower() in IMAGE_EXTENSIONS), None)
+        label, problem = _class_of(raw, class_names)
+        if ext is None:
+            problem = ("missing_field", "no image field")
+        if problem is not None:
+            yield ImageTextPair(key=key, image_path=Path(key), caption=None, source=f"{key} in {shard}",
+                                problem=problem)
+            continue
         yield ImageTextPair(key=key, image_path=Path(f"{key}.{ext}"), caption=caption_for(class_names[label], rng),
-                            source=f"{key} (class {class_names[label]})", image_bytes=image_bytes)
+                            source=f"{key} (class {class_names[label]})", image_bytes=raw[ext])

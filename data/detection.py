@@ -19,6 +19,7 @@ without annotations are kept with empty lists. Resizing (ImageOptions.resize_sho
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +31,7 @@ from PIL import Image
 
 from .errors import DataError
 from .images import ImageOptions, SampleSkipped, decode_checked, decode_image, encode_for_shard
-from .sources import SizedIterable, _key_for
+from .sources import SizedIterable, _key_for, read_image_file
 from .writer import STATS_FILE, Prepared, ShardOptions, Tally, WrittenShards, write_shards
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (annotation tools round outwards)
@@ -59,19 +60,26 @@ class CocoSource(NamedTuple):
     images: SizedIterable  # of CocoImage
 
 
-def _require(record, keys: tuple[str, ...], where: str) -> None:
+_KIND_NAMES = {int: "an integer", str: "a string", list: "a list"}
+
+
+def _require(record, keys: dict[str, type], where: str) -> None:
+    """record must be an object holding every key, each value of its type (bool is no integer); DataError if not."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {str(record)[:80]}")
     missing = [k for k in keys if k not in record]
     if missing:
         raise DataError(f"{where}: missing {', '.join(missing)} in {str(record)[:120]}")
+    for key, kind in keys.items():
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise DataError(f"{where}: {key} must be {_KIND_NAMES[kind]}, got {str(record[key])[:80]!r}")
 
 
 def read_coco(annotations_file, images_dir) -> CocoSource:
     """Read a COCO-format annotation file; image `file_name`s resolve against `images_dir`.
 
-    Malformed entries (missing keys, a bbox that is not 4 numbers, an unknown image or category id, duplicate
-    image ids) are a DataError naming the file and the entry.
+    Malformed entries (missing keys, a value of the wrong type, a bbox that is not 4 finite numbers, an unknown
+    image or category id, duplicate image or category ids) are a DataError naming the file and the entry.
     """
     annotations_file, images_dir = Path(annotations_file), Path(images_dir)
     try:
@@ -80,19 +88,28 @@ def read_coco(annotations_file, images_dir) -> CocoSource:
         raise DataError(f"{annotations_file}: cannot read annotation file ({error})") from error
     except json.JSONDecodeError as error:
         raise DataError(f"{annotations_file}: not valid JSON ({error.msg} at line {error.lineno})") from error
-    _require(coco, ("images", "categories"), str(annotations_file))
+    _require(coco, {"images": list, "categories": list}, str(annotations_file))
+    if not isinstance(coco.get("annotations", []), list):
+        raise DataError(f"{annotations_file}: annotations must be a list, got {str(coco['annotations'])[:80]!r}")
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder does not exist or is not a directory")
 
     categories = []
     for index, category in enumerate(coco["categories"]):
-        _require(category, ("id", "name"), f"{annotations_file}: categories[{index}]")
+        _require(category, {"id": int, "name": str}, f"{annotations_file}: categories[{index}]")
+        if any(category["id"] == known["id"] for known in categories):
+            raise DataError(f"{annotations_file}: categories[{index}]: duplicate category id {category['id']}")
         categories.append({k: category[k] for k in ("id", "name", "supercategory") if k in category})
     category_ids = {c["id"] for c in categories}
 
     images: dict[int, dict] = {}
     for index, image in enumerate(coco["images"]):
-        _require(image, ("id", "file_name"), f"{annotations_file}: images[{index}]")
+        where = f"{annotations_file}: images[{index}]"
+        _require(image, {"id": int, "file_name": str}, where)
+        for side in ("width", "height"):
+            if side in image and not (isinstance(image[side], int) and not isinstance(image[side], bool)
+                                      and image[side] > 0):
+                raise DataError(f"{where} (id {image['id']}): {side} must be a positive integer, got {image[side]!r}")
         if image["id"] in images:
             raise DataError(f"{annotations_file}: images[{index}]: duplicate image id {image['id']}")
         images[image["id"]] = image
@@ -100,15 +117,20 @@ def read_coco(annotations_file, images_dir) -> CocoSource:
     by_image: dict[int, list[dict]] = {image_id: [] for image_id in images}
     for index, annotation in enumerate(coco.get("annotations", [])):
         where = f"{annotations_file}: annotations[{index}]"
-        _require(annotation, ("id", "image_id", "category_id", "bbox"), where)
+        _require(annotation, {"id": int, "image_id": int, "category_id": int, "bbox": list}, where)
         bbox = annotation["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        if not (len(bbox) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                       for v in bbox)):
             raise DataError(f"{where} (id {annotation['id']}): bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
         if annotation["image_id"] not in images:
             raise DataError(f"{where} (id {annotation['id']}): unknown image_id {annotation['image_id']}")
         if annotation["category_id"] not in category_ids:
             raise DataError(f"{where} (id {annotation['id']}): unknown category_id {annotation['category_id']}")
+        if annotation.get("iscrowd", 0) not in (0, 1):  # stored as is; training would skip every such image
+            raise DataError(f"{where} (id {annotation['id']}): iscrowd must be 0 or 1, got {annotation['iscrowd']!r}")
+        area = annotation.get("area", 0)
+        if not (isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area) and area >= 0):
+            raise DataError(f"{where} (id {annotation['id']}): area must be a number >= 0, got {area!r}")
         by_image[annotation["image_id"]].append(annotation)
 
     entries = list(images.values())
@@ -133,10 +155,7 @@ def _box_problem(bbox: list, width: int, height: int) -> str | None:
 
 
 def _prepare_coco_image(entry: CocoImage, image_options: ImageOptions) -> Prepared:
-    try:
-        image_bytes, error = entry.path.read_bytes(), ""
-    except OSError as failure:
-        image_bytes, error = None, f"{failure.strerror or failure}"
+    image_bytes, error = read_image_file(entry.path)
     image, ext = decode_checked(image_bytes, entry.path.suffix.lstrip("."), error)
     width, height = image.size
     if entry.width is not None and (entry.width, entry.height) != (width, height):

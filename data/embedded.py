@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .sources import read_idx
-from .writer import STATS_FILE, ShardOptions, write_labelled_shards
+from .writer import INCOMPLETE_FILE, STATS_FILE, ShardOptions, write_labelled_shards
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_IMAGES = EMBEDDED_DIR / "fashion-mnist-3k-images-idx3-ubyte.gz"
@@ -42,11 +42,16 @@ def _exclusive_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _is_complete(train_dir: Path, val_dir: Path, split: dict) -> bool:
-    stats_files = [train_dir / STATS_FILE, val_dir / STATS_FILE]
-    if not all(f.is_file() for f in stats_files):
+def _written_with(directory: Path, key: str, value) -> bool:
+    """Whether a writer completed `directory` (stats.json, no INCOMPLETE marker) with stats[key] == value."""
+    stats_file = directory / STATS_FILE
+    if (directory / INCOMPLETE_FILE).exists() or not stats_file.is_file():
         return False
-    return all(json.loads(f.read_text()).get("split") == split for f in stats_files)
+    return json.loads(stats_file.read_text()).get(key) == value
+
+
+def _is_complete(train_dir: Path, val_dir: Path, split: dict) -> bool:
+    return _written_with(train_dir, "split", split) and _written_with(val_dir, "split", split)
 
 
 def ensure_embedded_shards(cache_dir, val_fraction: float = 0.1, seed: int = 0,
@@ -66,8 +71,9 @@ def ensure_embedded_shards(cache_dir, val_fraction: float = 0.1, seed: int = 0,
     with _exclusive_lock(cache_dir / ".write.lock"):
         if not _is_complete(train_dir, val_dir, split):  # another process may have finished while we waited
             class_names, samples = read_embedded()
+            # overwrite: our own cache, written before with other settings or cut short
             write_labelled_shards(samples, cache_dir, class_names, val_fraction=val_fraction, seed=seed,
-                                  options=ShardOptions(shard_size=shard_size, progress=False),
+                                  options=ShardOptions(shard_size=shard_size, progress=False, overwrite=True),
                                   metadata={"split": split})
     return str(train_dir), str(val_dir)
 
@@ -83,11 +89,11 @@ def ensure_embedded_pair_shards(cache_dir, seed: int = 0) -> tuple[str, str]:
     train_dir, val_dir = ensure_embedded_shards(cache_dir)
     pairs_dir = Path(cache_dir) / "pairs"
     made_from = {"captions_from": "embedded train split", "caption_seed": seed}
-    stats_file = pairs_dir / STATS_FILE
-    if not (stats_file.is_file() and json.loads(stats_file.read_text()).get("made_from") == made_from):
+    if not _written_with(pairs_dir, "made_from", made_from):
         with _exclusive_lock(Path(cache_dir) / ".write.lock"):
-            if not (stats_file.is_file() and json.loads(stats_file.read_text()).get("made_from") == made_from):
+            if not _written_with(pairs_dir, "made_from", made_from):
                 pairs = captioned_pairs(expand_shards(train_dir), FASHION_MNIST_CLASSES, seed=seed)
-                write_pair_shards(pairs, pairs_dir, options=ShardOptions(shard_size=500, progress=False),
+                write_pair_shards(pairs, pairs_dir, options=ShardOptions(shard_size=500, progress=False,
+                                                                         overwrite=True),
                                   metadata={"made_from": made_from})
     return str(pairs_dir), val_dir

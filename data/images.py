@@ -4,6 +4,10 @@ By default the original bytes are stored unchanged; `ImageOptions(resize_shorter
 shrinks the shorter side to N pixels (never enlarges) and stores a JPEG. `encode_for_shard` returns the scale
 factors so that pixel coordinates (detection boxes) can follow the resize. `decode_image` turns a stored raw
 sample's image back into a PIL image.
+
+16-bit images become 8-bit by keeping the high byte (value >> 8), everywhere: PIL does so itself for 16-bit RGB
+and libpng's strip_16 too, and `eight_bit` does it for 16-bit greyscale, which PIL's convert() would clip at 255
+(almost white). data.samples.open_image scales torchvision's 16-bit decodes the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from .errors import DataError
@@ -21,6 +26,10 @@ DEFAULT_JPEG_QUALITY = 90  # used when only resize_shorter is given
 # PIL format name -> extension, used when a file's own extension is not an image extension we know.
 _EXT_FOR_PIL_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "PPM": "ppm", "BMP": "bmp", "GIF": "gif",
                        "TIFF": "tif"}
+
+
+# 16-bit greyscale as PIL opens it: I;16* from PNG and TIFF, I from 16-bit PGM (PIL scales those to 0..65535).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class SampleSkipped(Exception):
@@ -75,6 +84,17 @@ def decode_checked(image_bytes: bytes | None, ext: str, error: str = "") -> tupl
     return image, ext
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit "L" (value >> 8); any other image unchanged.
+
+    Mode "I" is taken as 16-bit too: values beyond 0..65535 (a 32-bit TIFF) saturate.
+    """
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    pixels = np.asarray(image).astype(np.int32)  # I;16B arrives big-endian, I as int32
+    return Image.fromarray((np.clip(pixels, 0, 65535) >> 8).astype(np.uint8))
+
+
 def shrunk_size(width: int, height: int, shorter: int | None) -> tuple[int, int]:
     """(width, height) after shrinking the shorter side to `shorter` pixels, keeping the aspect ratio."""
     if shorter is None or min(width, height) <= shorter:
@@ -90,7 +110,8 @@ def encode_for_shard(image: Image.Image, image_bytes: bytes, ext: str,
         return image_bytes, ext, (1.0, 1.0)
     width, height = image.size
     new_width, new_height = shrunk_size(width, height, options.resize_shorter)
-    if image.mode not in ("RGB", "L"):  # JPEG stores only these (alpha, palettes, CMYK, 16-bit go to RGB)
+    image = eight_bit(image)
+    if image.mode not in ("RGB", "L"):  # JPEG stores only these (alpha, palettes, CMYK, 16-bit RGB go to RGB)
         image = image.convert("RGB")
     if (new_width, new_height) != (width, height):
         image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
@@ -114,4 +135,4 @@ def image_field(sample: dict) -> str:
 def decode_image(sample: dict) -> Image.Image:
     """A raw sample's image as an RGB PIL image (what webdataset's "pil" decoder gives)."""
     with Image.open(io.BytesIO(sample[image_field(sample)])) as image:
-        return image.convert("RGB")
+        return eight_bit(image).convert("RGB")

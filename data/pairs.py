@@ -20,7 +20,15 @@ from PIL import Image
 
 from .errors import DataError
 from .images import ImageOptions, SampleSkipped, decode_checked, decode_image, encode_for_shard
-from .sources import IMAGE_EXTENSIONS, SizedIterable, _image_ext, _key_for, manifest_records, resolve_relative
+from .sources import (
+    IMAGE_EXTENSIONS,
+    SizedIterable,
+    _image_ext,
+    _key_for,
+    manifest_records,
+    read_image_file,
+    resolve_relative,
+)
 from .writer import Prepared, ShardOptions, Tally, WrittenShards, write_shards
 
 PAIR_COLUMNS = {"path": ("path", "image"), "caption": ("caption", "text")}
@@ -32,13 +40,14 @@ class ImageTextPair:
 
     key: unique within the data set, without dots. caption: None when there is none (the pair is then skipped).
     source: where the pair came from, for error messages.
+    problem: (reason, message) when the pair is known to be unusable before it is read; it is skipped and counted.
     """
 
     key: str
     image_path: Path
     caption: str | None
     source: str
-    caption_error: str = ""  # why the caption could not be read, if so
+    problem: tuple[str, str] | None = None
     image_bytes: bytes | None = None  # the encoded image itself (then image_path only names its format)
 
 
@@ -79,29 +88,29 @@ def read_pair_folder(root) -> SizedIterable:
     def iterate() -> Iterator[ImageTextPair]:
         for index, image_path in enumerate(images):
             caption_path = image_path.with_suffix(".txt")
-            caption, error = None, ""
+            caption, problem = None, None
             try:
                 caption = caption_path.read_text(encoding="utf-8")
             except FileNotFoundError:
-                error = f"no caption file {caption_path.name}"
+                problem = ("missing_caption", f"no caption file {caption_path.name}")
             except (OSError, UnicodeDecodeError) as failure:
-                error = f"cannot read {caption_path.name} ({getattr(failure, 'strerror', None) or failure})"
+                problem = ("missing_caption",
+                           f"cannot read {caption_path.name} ({getattr(failure, 'strerror', None) or failure})")
             yield ImageTextPair(_key_for(index, image_path.relative_to(root).as_posix()), image_path, caption,
-                                str(image_path), caption_error=error)
+                                str(image_path), problem=problem)
 
     return SizedIterable(len(images), iterate)
 
 
 def _prepare_pair(pair: ImageTextPair, image_options: ImageOptions) -> Prepared:
+    if pair.problem is not None:
+        raise SampleSkipped(*pair.problem)
     caption = (pair.caption or "").strip()
     if not caption:
-        raise SampleSkipped("missing_caption", pair.caption_error or "empty caption")
+        raise SampleSkipped("missing_caption", "empty caption")
     image_bytes, error = pair.image_bytes, ""
     if image_bytes is None:
-        try:
-            image_bytes = pair.image_path.read_bytes()
-        except OSError as failure:
-            error = f"{failure.strerror or failure}"
+        image_bytes, error = read_image_file(pair.image_path)
     image, ext = decode_checked(image_bytes, pair.image_path.suffix.lstrip("."), error)
     image_bytes, ext, _ = encode_for_shard(image, image_bytes, ext, image_options)
     return Prepared(pair.source, {"__key__": pair.key, ext: image_bytes, "txt": caption.encode("utf-8")},

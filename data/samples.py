@@ -28,7 +28,7 @@ from torch.utils.data import default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .images import SampleSkipped
+from .images import SampleSkipped, eight_bit
 from .sources import IMAGE_EXTENSIONS
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -70,6 +70,8 @@ def open_image(data: bytes, decode_size: int | None = None) -> tuple[torch.Tenso
 
     decode_size: for JPEGs, let the decoder shrink by a power of two (PIL draft mode) while both sides stay at
     least decode_size pixels: much faster for large photos that are cropped to a small size anyway.
+
+    16-bit images (PNG, TIFF, PGM) become 8-bit by keeping the high byte (value >> 8), on both decoding paths.
     """
     if not data:
         raise SampleSkipped("undecodable_image", "empty image field")
@@ -80,13 +82,15 @@ def open_image(data: bytes, decode_size: int | None = None) -> tuple[torch.Tenso
     if decode_image is not None:
         try:
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            if image.dtype == torch.uint8:  # (16-bit PNGs decode to uint16: PIL below makes them 8-bit)
+            if image.dtype == torch.uint16:  # a 16-bit PNG: keep the high byte, as data.images.eight_bit does
+                image = (image.to(torch.int32) >> 8).to(torch.uint8)
+            if image.dtype == torch.uint8:
                 return image, (image.shape[-1], image.shape[-2])
         except RuntimeError:
             pass  # a format torchvision does not decode, or bad data: PIL decides, and names the problem
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _pil_to_tensor(image.convert("RGB")), image.size
+            return _pil_to_tensor(eight_bit(image).convert("RGB")), image.size
     except Exception as error:  # PIL raises many types for bad data
         raise SampleSkipped("undecodable_image", f"{type(error).__name__}: {error}") from None
 

@@ -15,6 +15,7 @@ import csv
 import gzip
 import io
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def _parse_idx(path: Path, expected_magic: int, num_dims: int) -> np.ndarray:
     if len(data) < header_size:
         raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
     dims = struct.unpack(f">{num_dims}I", data[4:header_size])
-    expected_size = header_size + int(np.prod(dims))
+    expected_size = header_size + math.prod(dims)  # exact: np.prod would wrap around for a garbage header
     if len(data) != expected_size:
         raise DataError(
             f"{path}: header promises {dims[0]} items of shape {tuple(dims[1:])} "
@@ -134,6 +135,8 @@ def read_idx(images_path, labels_path, class_names: Sequence[str] | None = None)
         class_names = [str(i) for i in range(largest + 1)]
     elif largest >= len(class_names):
         raise DataError(f"{labels_path}: label {largest} but only {len(class_names)} class names were given")
+    elif len(set(class_names)) != len(class_names) or not all(name.strip() for name in class_names):
+        raise DataError(f"class names (--classes) must be distinct and non-empty, got {list(class_names)}")
 
     def iterate() -> Iterator[LabelledImage]:
         for index in range(len(images)):
@@ -162,12 +165,20 @@ def _key_for(index: int, relative: str) -> str:
     return f"{index:07d}-{slug[-60:]}" if slug else f"{index:07d}"
 
 
+def read_image_file(path: Path) -> tuple[bytes | None, str]:
+    """(the file's bytes, "") or (None, why it cannot be read); never raises, and never waits on a pipe or device."""
+    try:
+        if path.exists() and not path.is_file():
+            return None, "not a regular file"
+        return path.read_bytes(), ""
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        return None, f"{getattr(error, 'strerror', None) or error}"
+
+
 def _load(index: int, path: Path, relative: str, label: int) -> LabelledImage:
     key, ext = _key_for(index, relative), _image_ext(path) or path.suffix.lower().lstrip(".")
-    try:
-        return LabelledImage(key, path.read_bytes(), ext, label, str(path))
-    except OSError as error:
-        return LabelledImage(key, None, ext, label, str(path), error=f"{error.strerror or error}")
+    image_bytes, error = read_image_file(path)
+    return LabelledImage(key, image_bytes, ext, label, str(path), error=error)
 
 
 def read_image_folder(root) -> LabelledSource:
@@ -207,7 +218,7 @@ def manifest_records(path, columns: dict[str, tuple[str, ...]],
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's CSVs) is not part of the header
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read manifest ({getattr(error, 'strerror', None) or error})") from error
     wanted = " and ".join(_described(columns, quote='"'))
@@ -235,11 +246,14 @@ def manifest_records(path, columns: dict[str, tuple[str, ...]],
         if missing:
             raise DataError(f"{path}:1: header must have columns {','.join(_described(columns))}; "
                             f"missing {', '.join(missing)}")
-        for record in reader:
-            found = {column: record.get(name) for column, name in chosen.items()}
-            if any(found[c] in (None, "") for c in columns if c not in may_be_empty):
-                raise DataError(f"{path}:{reader.line_num}: empty or missing {'/'.join(columns)} in row {record}")
-            rows.append((reader.line_num, {c: None if v == "" else v for c, v in found.items()}))
+        try:
+            for record in reader:
+                found = {column: record.get(name) for column, name in chosen.items()}
+                if any(found[c] in (None, "") for c in columns if c not in may_be_empty):
+                    raise DataError(f"{path}:{reader.line_num}: empty or missing {'/'.join(columns)} in row {record}")
+                rows.append((reader.line_num, {c: None if v == "" else v for c, v in found.items()}))
+        except csv.Error as error:  # e.g. a field beyond csv.field_size_limit()
+            raise DataError(f"{path}: not valid {suffix[1:].upper()} after line {reader.line_num} ({error})") from None
     else:
         raise DataError(f"{path}: unknown manifest format; use .csv or .tsv (columns "
                         f"{','.join(_described(columns))}) or .jsonl")
@@ -268,7 +282,13 @@ def read_manifest(path) -> LabelledSource:
         if not isinstance(record["label"], (int, str)) or isinstance(record["label"], bool):
             raise DataError(f"{path}:{line_number}: label must be an int or a class name, got {record['label']!r}")
     texts = [str(record["label"]).strip() for _, record in rows]
-    if all(re.fullmatch(r"\d+", t) for t in texts):
+    is_id = [re.fullmatch(r"\d+", t) is not None for t in texts]
+    if any(is_id) and not all(is_id):  # e.g. "1.0" among ids: a typo, not a new class that shifts every id
+        odd = is_id.index(2 * sum(is_id) < len(is_id))  # the first label of the rarer kind
+        usual = is_id.index(not is_id[odd])
+        raise DataError(f"{path}:{rows[odd][0]}: label {texts[odd]!r} mixes class names and class ids (line "
+                        f"{rows[usual][0]} has {texts[usual]!r}); use only ids (0, 1, ...) or only names")
+    if all(is_id):
         ids = [int(t) for t in texts]
         class_names = [str(i) for i in range(max(ids) + 1)]
     else:

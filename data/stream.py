@@ -13,9 +13,14 @@ each a new shuffle of whole shards, every sample once per pass) and resampled (e
 replacement, weighted by source; open_clip's --dataset-resampled).
 
 Bad data never stops the stream: undecodable images, samples missing a field and unreadable tar files are
-dropped and counted in each batch's "skipped" dict. When more than max_skip_rate of a slot's samples are bad
-(after a first skip_guard_min_samples), the stream raises DataError instead of training on scraps or waiting
-forever for a batch that never fills.
+dropped and counted in each batch's "skipped" dict; a shard that cannot be read to its end counts the samples it
+lost (what its sizes.json/stats.json says it holds, minus what was read). When more than max_skip_rate of a slot's
+samples are bad (after a first skip_guard_min_samples, or at the end of an evaluation pass), the stream raises
+DataError instead of training on scraps or waiting forever for a batch that never fills. Shards whose stats.json
+says they hold another kind of samples are refused up front.
+
+make_loader's DataLoader stops its worker processes as soon as iteration stops early (an error, `close()`), so that
+an error raised while reading ends the process instead of leaving it waiting for its workers at exit.
 
     stream = ShardStream("shards/train", mae_train_transform(224), 64, train=True,
                          rank=rank, world_size=world_size, start_batch=step)
@@ -29,6 +34,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -39,7 +45,16 @@ from .errors import DataError
 from .guard import SkipGuard
 from .images import SampleSkipped
 from .samples import SampleKind, make_kind
-from .shards import expand_sources
+from .shards import (
+    KIND_FIELDS,
+    check_kind,
+    describe_read_error,
+    expand_sources,
+    kind_of_fields,
+    shard_sizes,
+    tar_cut_short,
+    wrong_kind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +163,9 @@ class ShardStream(IterableDataset):
         if decode_size is not None and decode_size < 1:
             raise ValueError(f"decode_size must be >= 1 or None, got {decode_size}")
         self.kind = make_kind(kind, tokenizer, decode_size)
+        if self.kind.name in KIND_FIELDS:
+            check_kind(self.shards, self.kind.name)  # e.g. labelled shards for CLIP: say so now, not 200 skips later
+        self.shard_sizes = shard_sizes(self.shards)  # what a damaged shard should have held
         self.transform, self.batch_size, self.train, self.resampled = transform, batch_size, train, resampled
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
@@ -156,14 +174,31 @@ class ShardStream(IterableDataset):
 
     # -------------------------------------------------------------------------------- raw samples
 
-    def _read_shard(self, shard: str, counts: _SkipCounts, report: bool = True) -> Iterator[dict]:
-        """Raw samples of one tar file; a read error counts as "bad_tar" (if `report`) and ends this shard only."""
+    def _read_shard(self, shard: str, counts: _SkipCounts, report: bool = True, share: int = 1) -> Iterator[dict]:
+        """Raw samples of one tar file. A shard that cannot be read to its end (a read error, a file cut short, fewer
+        samples than its index says) ends there and counts as "bad_tar" (if `report`), once per sample lost: what
+        its sizes.json/stats.json says it holds minus what was read, at least 1 (one when its size is unknown).
+        share: this slot keeps 1/share of the samples read (evaluation with fewer shards than slots)."""
+        read = 0
         try:
-            yield from tarfile_samples([{"url": shard}], handler=reraise_exception)
-        except Exception as error:  # truncated tar, missing file, duplicate names, ...
-            if report:
-                logger.warning("skipping the rest of shard %s: %s: %s", shard, type(error).__name__, error)
-                counts.skip("bad_tar")
+            for sample in tarfile_samples([{"url": shard}], handler=reraise_exception):
+                read += 1
+                yield sample
+            problem = tar_cut_short(shard)
+        except Exception as error:  # not a tar file, truncated, missing, duplicate names, ...
+            problem = describe_read_error(error)
+        expected = self.shard_sizes.get(shard)
+        if problem is None and expected is not None and read < expected:
+            problem = f"it holds {read} samples, its index {expected}"
+        if problem is None:
+            return
+        counts.unreadable[shard] = problem
+        if report:
+            lost = max(1, expected - read) if expected is not None else 1
+            logger.warning("shard %s cannot be read to its end (%s): %d sample(s) read, %s lost", shard, problem,
+                           read, lost if expected is not None else "an unknown number")
+            damage = "is unreadable" if read == 0 else f"cannot be read past sample {read}"
+            counts.damaged_shard(read // share, lost, example=f"{shard} {damage} ({problem})")
 
     def _pass_samples(self, pass_index: int, slot: int, num_slots: int, counts: _SkipCounts) -> Iterator[dict]:
         """This slot's raw samples for one pass (evaluation or finite epochs), before the shuffle buffer."""
@@ -175,7 +210,8 @@ class ShardStream(IterableDataset):
                 yield from self._read_shard(shard, counts)
         else:  # evaluation with too few shards: every slot reads everything and keeps its share of samples
             # Every slot meets the same bad tar; slot 0 alone reports it, so it is counted once.
-            samples = (s for shard in order for s in self._read_shard(shard, counts, report=slot == 0))
+            samples = (s for shard in order for s in self._read_shard(shard, counts, report=slot == 0,
+                                                                         share=num_slots))
             for index, sample in enumerate(samples):
                 if index % num_slots == slot:
                     yield sample
@@ -192,11 +228,23 @@ class ShardStream(IterableDataset):
                 count += 1
                 yield pass_index, sample
             if self.train and count == 0:  # an endless stream of nothing would hang training
-                raise DataError(
-                    f"reading slot {slot} of {num_slots} (rank {self.rank}, {num_slots // self.world_size} "
-                    f"workers per rank) got no readable samples from {len(self.shards)} shard(s) starting with "
-                    f"{self.shards[0]}; use fewer workers or more data"
-                )
+                raise DataError(self._nothing_read(slot, num_slots, counts))
+
+    def _nothing_read(self, slot: int, num_slots: int, counts: _SkipCounts) -> str:
+        """Why a slot's pass over its shards gave not one sample: they are unreadable, or empty."""
+        where = f"reading slot {slot} of {num_slots} (rank {self.rank})"
+        mine = len(range(slot, len(self.shards), num_slots))  # the slot's share of the shards, in every pass
+        if not counts.unreadable:
+            return (f"{where}: its {mine} shard(s) of {len(self.shards)} (starting with {self.shards[0]}) hold no "
+                    f"samples")
+        shard, problem = next(iter(counts.unreadable.items()))
+        example = f"e.g. {shard}: {problem}"
+        if len(counts.unreadable) < mine:
+            return (f"{where}: its {mine} shard(s) gave no samples: {len(counts.unreadable)} cannot be read ("
+                    f"{example}), the others are empty; check the shards, e.g. rewrite them with `python -m data`")
+        which = ("every shard is unreadable" if mine == len(self.shards)
+                 else f"none of the {mine} shard(s) it reads (of {len(self.shards)}) can be read")
+        return f"{where}: {which} ({example}); check the shards, e.g. rewrite them with `python -m data`"
 
     def _resampled_stream(self, slot: int, num_slots: int, counts: _SkipCounts) -> Iterator[tuple[int, dict]]:
         """(0, raw sample) for this slot, endlessly: shards drawn with replacement, weighted, one shuffle buffer."""
@@ -214,8 +262,9 @@ class ShardStream(IterableDataset):
                     yield sample
                 empty_draws = empty_draws + 1 if empty else 0
                 if empty_draws >= MAX_EMPTY_DRAWS:
+                    why = f": {counts.unreadable[shard]}" if shard in counts.unreadable else ", empty"
                     raise DataError(f"reading slot {slot} of {num_slots} (rank {self.rank}): {empty_draws} shard "
-                                    f"draws in a row gave no samples (last: {shard}); check the shards "
+                                    f"draws in a row gave no samples (last: {shard}{why}); check the shards "
                                     f"({len(shards)} in all, starting with {shards[0]})")
 
         samples = draws()
@@ -228,11 +277,14 @@ class ShardStream(IterableDataset):
         if self.resampled:
             return self._resampled_stream(slot, num_slots, counts)
         if self.train and len(self.shards) < num_slots:
+            workers_that_fit = len(self.shards) // self.world_size  # per process; 0 workers still read in 1 slot
+            fewer_workers = (f", at most {workers_that_fit} DataLoader worker(s) (data.num_workers)"
+                             if workers_that_fit >= 1 else "")
             raise DataError(
                 f"{len(self.shards)} shard(s) (starting with {self.shards[0]}) for {num_slots} reading slots "
                 f"({self.world_size} process(es) x {num_slots // self.world_size} DataLoader worker(s)): finite-epoch "
-                f"training gives every slot whole shards of its own. Use resampled=True (shards drawn with "
-                f"replacement), fewer workers, or write the data into at least {num_slots} shards"
+                f"training gives every slot whole shards of its own. Use resampled=True (data.resampled=true: "
+                f"shards drawn with replacement){fewer_workers}, or write the data into at least {num_slots} shards"
             )
         return self._epoch_stream(slot, num_slots, counts)
 
@@ -264,8 +316,17 @@ class ShardStream(IterableDataset):
             where=f"reading slot {slot} of {num_slots} (rank {self.rank}) from {len(self.shards)} shard(s) "
                   f"starting with {self.shards[0]}"))
         items = []
+        current_pass, usable_in_pass = 0, False
         for index, (pass_index, raw) in enumerate(self._raw_stream(slot, num_slots, counts)):
+            if pass_index != current_pass:  # finite epochs: a whole pass without one usable sample never ends well
+                if not usable_in_pass:
+                    counts.guard.check(final=True)
+                    raise DataError(f"reading slot {slot} of {num_slots} (rank {self.rank}): a whole pass over its "
+                                    f"shards gave no usable sample (skipped: {dict(counts.guard.skipped)}); check "
+                                    f"the shards")
+                current_pass, usable_in_pass = pass_index, False
             if index < samples_to_skip:
+                usable_in_pass = True  # consumed before the resume
                 if index == samples_to_skip - 1:
                     counts.reset()  # these counts belonged to batches produced before the resume
                 continue
@@ -273,16 +334,30 @@ class ShardStream(IterableDataset):
                 items.append(self._prepare(raw, derive_seed(self.seed, pass_index, slot, index)))
             except SampleSkipped as skip:
                 logger.debug("sample %s in %s skipped: %s", raw.get("__key__"), raw.get("__url__"), skip)
-                counts.skip(skip.reason)
+                counts.skip(skip.reason, example=lambda: self._explain(raw, skip))
                 continue
             counts.keep()
+            usable_in_pass = True
             if len(items) == self.batch_size:
                 yield self._batch(items, counts)
                 items = []
+        counts.guard.check(final=True)  # only in evaluation: the pass is over, judge it however small
         if items:  # only in evaluation: training never ends
             yield self._batch(items, counts)
         elif counts.batch:
             logger.warning("slot %d: samples dropped after the last batch: %s", slot, dict(counts.batch))
+
+    def _explain(self, raw: dict, skip: SampleSkipped) -> str:
+        """A skipped sample for the guard's message; a missing field that another kind's samples carry names that
+        kind (e.g. labelled shards given to CLIP) and how to write the right shards."""
+        url = raw.get("__url__", "?")
+        fields = sorted(name for name in raw if not name.startswith("__"))
+        found = kind_of_fields(fields)
+        if skip.reason == "missing_field" and found not in (None, self.kind.name) and self.kind.name in KIND_FIELDS:
+            directory = str(Path(url).parent)
+            return f"sample {raw.get('__key__')} has fields {', '.join(fields)}: " + wrong_kind(directory, found,
+                                                                                                self.kind.name)
+        return f"sample {raw.get('__key__')} in {url}: {skip.message}"
 
     def _batch(self, items: list[dict], counts: _SkipCounts) -> dict:
         batch = {**self.kind.collate(items), "skipped": dict(counts.batch)}
@@ -292,26 +367,69 @@ class ShardStream(IterableDataset):
 
 class _SkipCounts:
     """A slot's skipped samples: those since the last batch (reported in the next one) and, through the guard,
-    all of them (raising DataError when too many are bad)."""
+    all of them (raising DataError when too many are bad); and the shards it could not read to their end."""
 
     def __init__(self, guard: SkipGuard):
         self.guard, self.batch = guard, Counter()
+        self.unreadable: dict[str, str] = {}  # shard -> what is wrong with it
+        self.read_ahead = 0  # samples counted as kept before they were prepared (see damaged_shard)
 
-    def skip(self, reason: str) -> None:
-        self.batch[reason] += 1
-        self.guard.update(0, {reason: 1})
+    def skip(self, reason: str, count: int = 1, example: str | Callable[[], str] | None = None) -> None:
+        """`example`: one such skip for the guard's message (a callable: made only for a reason's first skip)."""
+        if self.read_ahead and reason != "bad_tar":  # a sample counted as kept ahead turned out bad
+            self.read_ahead -= 1
+            self.guard.kept -= 1
+        if example is not None and reason not in self.guard.examples:
+            self.guard.explain(reason, example() if callable(example) else example)
+        self.batch[reason] += count
+        self.guard.update(0, {reason: count})
+
+    def damaged_shard(self, read: int, lost: int, example: str) -> None:
+        """A shard that ended early: `lost` samples count as "bad_tar", judged beside the `read` ones before the
+        damage, which count as kept now: they still wait in the shuffle buffer, and a guard that saw the loss
+        alone would take one damaged shard for data that is all bad."""
+        self.guard.kept += read
+        self.read_ahead += read
+        self.skip("bad_tar", lost, example)
 
     def keep(self) -> None:
-        self.guard.kept += 1
+        if self.read_ahead:
+            self.read_ahead -= 1  # counted when its shard was found damaged
+        else:
+            self.guard.kept += 1
 
     def reset(self) -> None:
         self.batch.clear()
         self.guard.reset()
+        self.read_ahead = 0
 
 
-def make_loader(stream: ShardStream, num_workers: int, **loader_kwargs) -> DataLoader:
-    """A DataLoader that passes the stream's ready-made batches through (batch_size=None)."""
+class ShardLoader(DataLoader):
+    """A DataLoader whose iterator stops its worker processes as soon as iteration stops early: an error from a
+    worker (before it reaches the caller), or `close()` on the iterator (the caller's error: see
+    pretrain.engine). torch's own iterator stops them only once garbage-collected, and the traceback of an error
+    keeps it alive through the frames that hold it: the workers, still waiting for work, then block the process's
+    exit (multiprocessing joins its children; a worker that outlives a first SIGTERM never leaves)."""
+
+    def __iter__(self) -> Iterator:
+        # torch's iterator (and its workers) only once the first batch is asked for: an iterator made and dropped
+        # unused (tqdm.auto makes one) then starts no worker that nobody stops
+        batches = super().__iter__()
+        try:
+            yield from batches
+        except BaseException:
+            stop_workers = getattr(batches, "_shutdown_workers", None)  # torch has no public way
+            if stop_workers is not None:
+                stop_workers()
+            raise
+
+
+def make_loader(stream: ShardStream, num_workers: int, **loader_kwargs) -> ShardLoader:
+    """A DataLoader that passes the stream's ready-made batches through (batch_size=None). Its workers' base seed
+    comes from a generator of its own, seeded by the stream: torch's global RNG, which the training loop reseeds
+    every step, is left alone, whenever the loader starts."""
+    loader_kwargs.setdefault("generator", torch.Generator().manual_seed(stream.seed))
     loader_kwargs.setdefault("persistent_workers", False)
     if num_workers > 0:
         loader_kwargs.setdefault("prefetch_factor", 2)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, **loader_kwargs)
+    return ShardLoader(stream, batch_size=None, num_workers=num_workers, **loader_kwargs)

@@ -5,10 +5,17 @@ Layout of a shard directory:
     out_dir/train-000000.tar, train-000001.tar, ...   the samples, e.g. {"__key__", "<ext>": image bytes, "cls": b"3"}
     out_dir/sizes.json                                {"train-000000.tar": number of samples, ...} (WebDataset style)
     out_dir/shards.txt                                the shard names, one a line (a spec `expand_shards` reads)
-    out_dir/stats.json                                written last: its presence means the directory is complete
+    out_dir/stats.json                                the counts, skipped samples and the kind's statistics
+    out_dir/INCOMPLETE                                present while a writer works on the directory, removed last
 
 A shard is written to a temporary name and renamed when it is closed, so an interrupted run never leaves a
-partial shard under a final name.
+partial shard under a final name. A run that stops early (killed, or an exception such as a --strict failure or
+Ctrl-C) leaves its finished shards and the INCOMPLETE marker, so that readers can tell the directory was never
+completed; only a run that finished no shard at all removes its marker on the way out.
+
+A writer refuses an output directory that already holds files unless `ShardOptions(overwrite=True)`; even then
+it deletes only the names it writes itself (shards with its prefix, the index files, the marker, their temporary
+files) and keeps every other file.
 
 Every kind of data (labelled images here, image-text pairs in `pairs.py`, detection in `detection.py`) goes
 through one engine, `write_shards`: a `prepare` function turns a source item into a `Prepared` sample (decoding
@@ -21,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shlex
 import sys
 import warnings
 from collections import Counter, deque
@@ -40,6 +49,9 @@ from .sources import LabelledImage
 STATS_FILE = "stats.json"
 SIZES_FILE = "sizes.json"
 SHARD_LIST_FILE = "shards.txt"
+# present while a writer works on a directory, removed last: a directory holding it was never finished
+INCOMPLETE_FILE = "INCOMPLETE"
+_INDEX_FILES = (STATS_FILE, SIZES_FILE, SHARD_LIST_FILE, INCOMPLETE_FILE)
 MAX_SKIPPED_EXAMPLES = 20  # kept in stats.json
 MAX_SKIPPED_PRINTED = 5  # printed to stderr while writing
 IN_FLIGHT_PER_WORKER = 4  # items handed to the pool ahead of the writer: bounds memory, keeps workers busy
@@ -134,6 +146,8 @@ class ShardOptions:
     strict: the first sample that would be skipped (or lose a part) raises DataError naming its source.
     progress: a progress bar on stderr. workers: threads preparing images (0: the calling thread); same output.
     image_options: keep the original bytes (the default) or re-encode (see ImageOptions).
+    overwrite: write into a directory that already holds files, deleting what an earlier writer run left there (its
+    shards, index files and marker; other files stay); False: such a directory is a DataError.
     """
 
     shard_size: int = 1000
@@ -142,10 +156,13 @@ class ShardOptions:
     progress: bool = True
     workers: int = 0
     image_options: ImageOptions = ImageOptions()
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 
@@ -217,11 +234,9 @@ class _ShardSink:
     """Feeds one ShardWriter with prepared samples, counts what was skipped and writes the index files."""
 
     def __init__(self, out_dir, prefix: str, options: ShardOptions, tally: Tally):
-        self.out_dir, self.prefix, self.strict, self.tally = Path(out_dir), prefix, options.strict, tally
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for name in (STATS_FILE, SIZES_FILE, SHARD_LIST_FILE):
-            # stats.json marks a complete directory; drop an old one (and its indexes) before rewriting the shards.
-            (self.out_dir / name).unlink(missing_ok=True)
+        self.out_dir, self.strict, self.tally = Path(out_dir), options.strict, tally
+        _make_directory(self.out_dir)
+        (self.out_dir / INCOMPLETE_FILE).write_text(_marker_text())  # before the first shard, removed last
         self.writer = ShardWriter(self.out_dir, prefix, options.shard_size, options.max_bytes)
         self.skipped, self.dropped = Counter(), Counter()
         self.skipped_examples: list[dict] = []
@@ -252,7 +267,6 @@ class _ShardSink:
 
     def finish(self, metadata: dict | None = None) -> WrittenShards:
         self.writer.close()
-        self._remove_stale_shards()
         stats = {
             "samples": sum(self.writer.shard_counts.values()),
             "shards": self.writer.shards,
@@ -269,18 +283,67 @@ class _ShardSink:
             warnings.warn(f"{self.out_dir}: no valid samples were written (skipped: {dict(self.skipped)})")
         self._write_atomically(SIZES_FILE, json.dumps(self.writer.shard_counts, indent=2) + "\n")
         self._write_atomically(SHARD_LIST_FILE, "".join(f"{name}\n" for name in self.writer.shards))
-        self._write_atomically(STATS_FILE, json.dumps(stats, indent=2) + "\n")  # last: marks completion
+        self._write_atomically(STATS_FILE, json.dumps(stats, indent=2) + "\n")
+        (self.out_dir / INCOMPLETE_FILE).unlink()  # last: the directory is complete
         return WrittenShards(self.out_dir, stats)
 
-    def _remove_stale_shards(self) -> None:
-        # Shards of an earlier, larger run would otherwise be picked up by directory expansion.
-        written = set(self.writer.shards)
-        for path in self.out_dir.glob(f"{self.prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-            if path.name not in written:
-                path.unlink()
-
     def abort(self) -> None:
+        """Stop after a failure: finished shards and the marker stay, unless this run finished no shard here."""
         self.writer.abort()
+        if not self.writer.shards:
+            (self.out_dir / INCOMPLETE_FILE).unlink(missing_ok=True)
+
+
+def _marker_text() -> str:
+    argv = list(sys.argv) or ["python"]
+    if Path(argv[0]).name == "__main__.py":  # python -m data ...
+        argv[:1] = ["python", "-m", Path(argv[0]).parent.name]
+    return (f"process {os.getpid()} ({shlex.join(argv)}) is writing here; this directory is incomplete until "
+            f"this file disappears\n")
+
+
+def _make_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{directory}: cannot create the output directory ({error.strerror or error})") from None
+
+
+def _written_by_a_writer(name: str, prefix: str) -> bool:
+    """Whether `name` is one a writer with this shard prefix gives a file: a shard, an index file, the marker, or
+    the temporary name of one of them (left by a killed run)."""
+    final = "|".join([rf"{re.escape(prefix)}-\d{{6}}\.tar", *map(re.escape, _INDEX_FILES)])
+    return re.fullmatch(rf"(?:{final})|\.(?:{final})\.tmp-\d+", name) is not None
+
+
+def _claim_output(out_dir: Path, prefix: str, overwrite: bool) -> None:
+    """Make sure out_dir can take the new shards: it must be new or empty, or with `overwrite` lose what an earlier
+    writer run left in it (unsplit: prefix-NNNNNN.tar; with a val split: train/ and val/), and nothing else."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a directory; --out must name a directory")
+    try:
+        existing = sorted(path.name for path in out_dir.iterdir()) if out_dir.exists() else []
+        if existing and not overwrite:
+            listed = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+            raise DataError(f"{out_dir} already holds {len(existing)} file(s) ({listed}); pass --overwrite "
+                            f"(ShardOptions(overwrite=True)) to replace the shards written there before, or choose "
+                            f"another output directory")
+        for directory, name_prefix in ((out_dir, prefix), (out_dir / "train", "train"), (out_dir / "val", "val")):
+            if directory.is_dir():
+                for path in directory.iterdir():
+                    if path.is_file() and _written_by_a_writer(path.name, name_prefix):
+                        path.unlink()
+    except OSError as error:
+        raise DataError(f"{out_dir}: cannot clear the output directory ({error.strerror or error})") from None
+
+
+def _note_foreign_shards(directory: Path) -> None:
+    # Directory expansion (expand_shards) reads every *.tar: say so when files we did not write are among them.
+    foreign = sorted(path.name for path in directory.glob("*.tar"))
+    if foreign:
+        print(f"note: {directory} also holds {len(foreign)} .tar file(s) this writer did not write "
+              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); they are kept, and read with the "
+              f"directory unless you read {directory / SHARD_LIST_FILE}", file=sys.stderr)
 
 
 def write_shards(
@@ -300,36 +363,49 @@ def write_shards(
 
     val_fraction 0: everything goes to `out_dir/{prefix}-NNNNNN.tar`; returns [that directory].
     val_fraction in (0, 1): a random `val_fraction` of the items (depending only on their count and `seed`) goes
-    to `out_dir/val/val-NNNNNN.tar`, the rest to `out_dir/train/train-NNNNNN.tar`; returns [train, val].
-    Items that `prepare` rejects (SampleSkipped) are counted by reason; with options.strict the first one raises
-    DataError naming its source.
+    to `out_dir/val/val-NNNNNN.tar`, the rest to `out_dir/train/train-NNNNNN.tar`; returns [train, val]. A split
+    that leaves train or val without items is a DataError.
+    out_dir must be new or empty unless options.overwrite (see the module docstring). Items that `prepare` rejects
+    (SampleSkipped) are counted by reason; with options.strict the first one raises DataError naming its source.
+    A failure to write (disk full, no permission) is a DataError naming out_dir.
     """
     total = getattr(items, "__len__", lambda: None)()
     out_dir = Path(out_dir)
     val_indices: set[int] = set()
     if val_fraction == 0:
-        sinks = [_ShardSink(out_dir, prefix, options, new_tally())]
+        splits = [(out_dir, prefix)]
     elif 0.0 < val_fraction < 1.0:
         if total is None:
             items = list(items)  # an exact split needs the count up front
             total = len(items)
-        val_indices = set(random.Random(seed).sample(range(total), round(total * val_fraction)))
-        sinks = [_ShardSink(out_dir / split, split, options, new_tally()) for split in ("train", "val")]
+        val_count = round(total * val_fraction)
+        if not 0 < val_count < total:
+            raise DataError(f"{out_dir}: a val_fraction of {val_fraction} of {total} items leaves "
+                            f"{'val' if val_count == 0 else 'train'} empty")
+        val_indices = set(random.Random(seed).sample(range(total), val_count))
+        splits = [(out_dir / split, split) for split in ("train", "val")]
     else:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _claim_output(out_dir, prefix, options.overwrite)
     prepared = _prepared_in_order(items, partial(prepare, image_options=options.image_options), options.workers)
+    sinks: list[_ShardSink] = []
     try:
+        for directory, split_prefix in splits:
+            sinks.append(_ShardSink(directory, split_prefix, options, new_tally()))
+            _note_foreign_shards(directory)
         with tqdm(total=total, disable=not options.progress, desc=f"writing {out_dir}", unit="img",
                   file=sys.stderr) as bar:
             for index, sample in enumerate(prepared):
                 sinks[index in val_indices].add(sample)  # sinks[1] is val; with no split the set is empty
                 bar.update()
-    except BaseException:
+        return [sink.finish(metadata) for sink in sinks]
+    except BaseException as failure:
         prepared.close()  # stop the pool before deleting what it was feeding
         for sink in sinks:
             sink.abort()
+        if isinstance(failure, OSError):
+            raise DataError(f"{out_dir}: cannot write the shards ({failure})") from failure
         raise
-    return [sink.finish(metadata) for sink in sinks]
 
 
 # ------------------------------------------------------------------------------------------------ labelled images

@@ -2,9 +2,9 @@
 zero-shot, finetune, distillation)."""
 from __future__ import annotations
 
-import sys
+from pretrain.cli import exit_with
 
 from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

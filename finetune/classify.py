@@ -24,18 +24,19 @@ import torch
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
-from data import ShardStream, eval_transform, read_class_names
+from data import ShardStream, eval_transform
 from data import make_loader as make_data_loader
 from data.transforms import ToNormalizedTensor, ToRGB
 from pretrain.config import ConfigError, DataConfig, EncoderConfig
-from pretrain.encoders import CLASSIFIER_OBJECTIVE, SPEC_KEY, build_encoder
+from pretrain.checkpoint import WEIGHTS_SUFFIXES
+from pretrain.encoders import CLASSIFIER_OBJECTIVE, SPEC_KEY, build_encoder, checkpoint_kind
 from pretrain.engine import Trainer
 from pretrain.evaluation import BEST_DIR, LAST_DIR, METRICS_FILE, Evaluator
 from pretrain.run import setup_run
 
 from .config import AugmentConfig, DistillationConfig, FinetuneConfig
 from .distillation import DistillationLoss, FrozenTeacher
-from .metrics import TopKAccuracy
+from .metrics import TopKAccuracy, class_count
 from .tasks import FinetuneTask
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ class RandAugment:
         for op in self.augment.ops:
             if op.name.startswith("Posterize"):
                 op.aug_fn = posterize
-
 
     def __call__(self, image):
         is_tensor = isinstance(image, torch.Tensor)
@@ -198,6 +198,10 @@ def load_teacher(cfg: DistillationConfig, num_classes: int, image_size: int) -> 
     one of our finetuned classifiers (run / checkpoint / weights file; its own input size unless
     `teacher_image_size`), or a timm model (`teacher_model`) with a local weights file."""
     if cfg.teacher_model is None:
+        if checkpoint_kind(cfg.teacher) != CLASSIFIER_OBJECTIVE:
+            raise ConfigError(f"'distillation.teacher' {cfg.teacher} is not a finetuned classifier of this project "
+                              f"(python -m finetune, task finetune); for a timm classifier's weights "
+                              f"({', '.join(WEIGHTS_SUFFIXES)}) set distillation.teacher_model to its timm model name")
         source = EncoderConfig(source="mae", checkpoint=cfg.teacher, image_size=cfg.teacher_image_size, drop_path=0.0)
     else:
         source = EncoderConfig(source="timm", checkpoint=cfg.teacher, model_name=cfg.teacher_model,
@@ -217,7 +221,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     run = setup_run(cfg)
     accelerator = run.accelerator
-    num_classes = cfg.num_classes or len(read_class_names(run.train_shards))
+    num_classes = class_count(cfg.num_classes, run.train_shards, run.val_shards)
     distilling = cfg.distillation.kind != "none"
     encoder = build_encoder(cfg.encoder, cfg.data.image_size, num_classes=num_classes,
                             distill_token=distilling and cfg.distillation.token)

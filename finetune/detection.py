@@ -25,7 +25,7 @@ from torch import nn
 
 from data import STATS_FILE, ShardStream, coco_ground_truth, detection_eval_transform, detection_train_transform
 from data import make_loader as make_data_loader
-from data import read_categories
+from data import DataError, read_categories
 from pretrain.checkpoint import CheckpointError, load_state_dict_checked, read_weights, resolve_weights_file
 from pretrain.config import ConfigError, EncoderConfig
 from pretrain.encoders import build_encoder, create_timm_model
@@ -187,7 +187,15 @@ def run_detr(cfg: DetrConfig) -> dict[str, Any]:
         raise ConfigError(f"'data.val' {cfg.data.val} must be a detection shard directory with its {STATS_FILE} "
                           f"(its COCO ground truth is rebuilt from there)")
     categories = read_categories(run.train_shards)
-    num_classes = cfg.num_classes or max(int(c["id"]) for c in categories) + 1
+    val_categories = read_categories(run.val_shards)
+    if val_categories != categories:  # a category id must mean the same class in both
+        raise DataError(f"the evaluation shards {run.val_shards} have other categories than the training shards "
+                        f"{run.train_shards}: {val_categories} vs {categories}")
+    largest_id = max(int(c["id"]) for c in categories)
+    if cfg.num_classes is not None and cfg.num_classes <= largest_id:
+        raise ConfigError(f"'num_classes' is {cfg.num_classes} but the training shards {run.train_shards} have "
+                          f"category id {largest_id} (class ids run from 0 to num_classes - 1)")
+    num_classes = cfg.num_classes or largest_id + 1
 
     backbone, backbone_spec, description = build_backbone(cfg.encoder)
     if cfg.backbone_lr == 0:

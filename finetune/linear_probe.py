@@ -10,13 +10,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from data import eval_transform, read_class_names
+from data import eval_transform
 from pretrain.engine import Trainer
 from pretrain.run import setup_run
 
 from .config import LinearProbeConfig
 from .features import extract_features, feature_encoder
-from .metrics import TopKAccuracy
+from .metrics import TopKAccuracy, class_count
 from .tasks import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def evaluate(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, acce
 def run_linear_probe(cfg: LinearProbeConfig) -> dict[str, Any]:
     run = setup_run(cfg)
     accelerator = run.accelerator
-    num_classes = cfg.num_classes or len(read_class_names(run.train_shards))
+    num_classes = class_count(cfg.num_classes, run.train_shards, run.val_shards)
 
     encoder, description = feature_encoder(cfg.encoder, cfg.data.image_size)
     encoder.to(accelerator.device)

@@ -2,9 +2,22 @@
 the linear probe, finetuning, distillation and zero-shot evaluation."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
+
+from data import read_matching_class_names
+from pretrain.config import ConfigError
+
+
+def class_count(num_classes: Optional[int], train_shards: str, val_shards: Optional[str]) -> int:
+    """The number of classes a head predicts: `num_classes` if set, else the training shards' class list (which
+    the evaluation shards' must equal); fewer than the shards' classes would leave labels without an output."""
+    names = read_matching_class_names(train_shards, val_shards)
+    if num_classes is not None and num_classes < len(names):
+        raise ConfigError(f"'num_classes' is {num_classes} but the training shards {train_shards} have {len(names)} "
+                          f"classes ({', '.join(names)})")
+    return num_classes or len(names)
 
 
 class TopKAccuracy:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from data import ShardStream, clip_eval_transform, count_samples, read_class_names
+from data import DataError, ShardStream, clip_eval_transform, count_samples, read_class_names
 from data import make_loader as make_data_loader
 from pretrain.config import ConfigError, to_dict
 from pretrain.run import setup_run
@@ -115,6 +115,15 @@ def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
     # only evaluation shards are read: data.val alone ("embedded": the bundled validation split)
     run = setup_run(cfg, train_data=False)
     accelerator, output_dir, eval_shards = run.accelerator, run.output_dir, run.val_shards
+    names = class_names(cfg.classes, eval_shards)
+    if cfg.classes != "stats":  # label i of the shards is the i-th name: the counts must agree
+        try:
+            shard_names = read_class_names(eval_shards)
+        except DataError:  # shards of other origin, no stats.json: nothing to check against
+            shard_names = names
+        if len(shard_names) != len(names):
+            raise ConfigError(f"'classes' {cfg.classes} gives {len(names)} class names but the shards {eval_shards} "
+                              f"have {len(shard_names)} classes ({', '.join(shard_names)})")
     try:
         model, name = load_clip(cfg.model.checkpoint, cfg.model.open_clip_config)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -124,7 +133,6 @@ def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
     if image_size != cfg.data.image_size:
         raise ConfigError(f"'data.image_size' is {cfg.data.image_size} but model {name} takes {image_size}x{image_size}")
 
-    names = class_names(cfg.classes, eval_shards)
     templates = prompt_templates(cfg.templates)
     classifier = zero_shot_weights(model, tokenizer_for(name), names, templates, accelerator.device)
     transform = clip_eval_transform(image_size, mean=cfg.data.mean, std=cfg.data.std)

@@ -1,9 +1,7 @@
 """`python -m pretrain [--config FILE] [key=value ...]`: MAE pretraining (the CPU demo when given nothing)."""
 from __future__ import annotations
 
-import sys
-
-from .cli import main
+from .cli import exit_with, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

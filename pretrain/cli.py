@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, NoReturn, Sequence
 
 import yaml
 
@@ -64,6 +66,34 @@ def run_entry_point(body: Callable[[], Any]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+EXIT_GRACE_S = 30  # after a failure, the most the interpreter's own exit may take before the process is ended
+
+
+def exit_with(main: Callable[[], int]) -> NoReturn:
+    """The body of `python -m pretrain/finetune`: run `main` and exit with its status. After a failure (a non-zero
+    status, an uncaught exception) the exit is bounded, a last line of defence: whatever still holds the interpreter
+    at exit (a data worker that does not stop, a thread someone joins) cannot keep a failed run alive."""
+    try:
+        code = main()
+    except BaseException:
+        _end_process_after(EXIT_GRACE_S, 1)
+        raise
+    if code:
+        _end_process_after(EXIT_GRACE_S, code)
+    sys.exit(code)
+
+
+def _end_process_after(seconds: float, code: int) -> None:
+    def end() -> None:
+        print(f"error: still exiting {seconds:g} s after the run stopped; ending the process", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True  # runs beside the interpreter's exit, which waits for non-daemon threads only
+    timer.start()
 
 
 def one_line(err: Exception) -> str:

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, read_weights, resolve_weights_file, state_dict_mismatch
+from .checkpoint import WEIGHTS_SUFFIXES, CheckpointError, read_weights, resolve_weights_file, state_dict_mismatch
 from .config import ConfigError, EncoderConfig
 from .models import MODEL_REGISTRY, MaskedAutoencoderViT, create_model
 
@@ -156,8 +156,9 @@ def _trunk_source(cfg: EncoderConfig, image_size: Optional[int]
         weights_file = resolve_weights_file(cfg.checkpoint)
         if cfg.source != "timm":
             raise CheckpointError(f"{weights_file} is not a checkpoint of this project (its metadata names no "
-                                  f"objective); an encoder comes from {ACCEPTED}, or, for other weights, set "
-                                  f"encoder.source=timm and encoder.model_name to its timm model")
+                                  f"objective); an encoder comes from {ACCEPTED}, or, for other weights "
+                                  f"({', '.join(WEIGHTS_SUFFIXES)}), set encoder.source=timm and encoder.model_name "
+                                  f"to its timm model")
         state, _ = read_weights(weights_file)
         return {"builder": "timm", "model_name": cfg.model_name, "kwargs": dict(cfg.model_kwargs)}, state, \
             f"timm {cfg.model_name} + {weights_file}"

@@ -116,6 +116,14 @@ def _workers_outlive_first_signal(loader: Iterable) -> Iterable:
     return loader
 
 
+def stop_reading(batches: Iterable) -> None:
+    """Close a batch iterator that may not be exhausted: make_loader's stops its worker processes (data.ShardLoader),
+    a generator runs its `finally` blocks; other iterators have nothing to stop."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
 @dataclass
 class Schedule:
     """The run's length in optimizer steps, derived once from the data size and the batch settings."""
@@ -130,6 +138,8 @@ class Schedule:
     def derive(cls, samples_per_epoch: int, train: TrainConfig, optim: OptimConfig, world_size: int) -> "Schedule":
         global_batch = train.batch_size * world_size * train.grad_accum_steps
         steps_per_epoch = samples_per_epoch // global_batch
+        if samples_per_epoch == 0:
+            raise ConfigError("the training shards hold no samples; check data.train")
         if steps_per_epoch == 0:
             raise ConfigError(
                 f"the training data has {samples_per_epoch} samples, fewer than one global batch of {global_batch} "
@@ -211,7 +221,6 @@ class Trainer:
         model_metadata: dict[str, str],
         accelerator=None,
         layer_decay: Optional[float] = None,
-        skip_guard=None,
         evaluator: Optional[Evaluator] = None,
         param_group_fn: Optional[Callable[[nn.Module], list[dict[str, Any]]]] = None,
         make_scheduler: Optional[Callable[[Any, Schedule], Any]] = None,
@@ -225,7 +234,6 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.task = task
-        self.skip_guard = skip_guard  # e.g. data.SkipGuard: stops the run when too many samples are unreadable
         self.evaluator = evaluator
         self.make_loader = make_loader
         self.run_config = run_config
@@ -252,18 +260,15 @@ class Trainer:
                     samples_per_epoch: Optional[int] = None, **options) -> "Trainer":
         """The loop for a run config (`data`, `train`, `optim`, `logging` sections) and its `setup_run` result:
         the training stream of `run.train_shards` through `transform` (batches of `kind`; `tokenizer` for
-        image-text), guarded against unreadable data, unless `make_loader` is given (e.g. in-memory features).
+        image-text; each reading slot guards itself against unreadable data, data.max_skip_rate), unless `make_loader`
+        is given (e.g. in-memory features).
         `options`: the remaining Trainer arguments (evaluator, layer_decay, param_group_fn, make_scheduler)."""
-        from data import SkipGuard
-
-        skip_guard = None
         if make_loader is None:
             make_loader = training_loader_factory(run.train_shards, transform, cfg.data, cfg.train, kind, tokenizer)
-            skip_guard = SkipGuard(cfg.data.max_skip_rate, where=f"training data {run.train_shards}")
         return cls(model=model, task=task, make_loader=make_loader,
                    samples_per_epoch=samples_per_epoch or run.samples_per_epoch, train=cfg.train, optim=cfg.optim,
                    logging_cfg=cfg.logging, output_dir=run.output_dir, run_config=to_dict(cfg),
-                   model_metadata=model_metadata, accelerator=run.accelerator, skip_guard=skip_guard, **options)
+                   model_metadata=model_metadata, accelerator=run.accelerator, **options)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -296,75 +301,78 @@ class Trainer:
         wandb_run = self._init_wandb()
         loader = self.make_loader(self.step * cfg.grad_accum_steps, acc.process_index, acc.num_processes)
         batches = iter(_workers_outlive_first_signal(loader))
-        progress = self._progress_bar(last_step)
-        window = _Window()
-        last_record: dict[str, Any] = {}
-        self.model.train()
-        while self.step < last_step:
-            torch.manual_seed(step_seed(cfg.seed, acc.process_index, self.step))
-            self.scheduler.step_update(self.step)
-            step_totals: dict[str, torch.Tensor] = {}
-            for _ in range(cfg.grad_accum_steps):
-                batch = next(batches)
-                skipped = batch.pop("skipped", None)
-                window.add_skipped(skipped)
-                if self.skip_guard is not None:
-                    self.skip_guard.update(_batch_size(batch), skipped)
-                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with acc.accumulate(self.model):
-                    outputs = self.task(self.model, batch)
-                    acc.backward(outputs["loss"])
-                for name, value in outputs.items():
-                    step_totals[name] = step_totals.get(name, 0) + value.detach().float() / cfg.grad_accum_steps
-            # the norm tells a diverging gradient from a diverging loss, before the update could spread NaNs into the
-            # weights (clip_grad=None: no clipping; one read of the gradients, ViT-B: ~0.06 s on one CPU core)
-            max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad is not None else float("inf")
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-            if grad_norm is not None:
-                step_totals["grad_norm"] = grad_norm.detach().float()
-            loss_bad, grad_bad, agreed_signum = self._step_flags(step_totals["loss"], grad_norm, stop_signal.signum)
-            update = not (loss_bad or grad_bad)
-            if update:
-                self.optimizer.step()
-            else:  # raises unless train.max_nonfinite_skips allows skipping this update
-                self._skip_nonfinite(step_totals["loss"], grad_norm, loss_bad)
-            self.optimizer.zero_grad(set_to_none=True)
-            if update:  # e.g. CLIP clamps its temperature, finetuning updates its EMA
-                self.task.after_optimizer_step(self.unwrapped_model)
-                self._loss_since_eval[0] += step_totals["loss"].to(self._loss_since_eval.dtype)
-                self._loss_since_eval[1] += 1
-            self.step += 1
-            window.add_step(step_totals, sched.global_batch, applied=update)
-            progress.update(1)
+        try:
+            progress = self._progress_bar(last_step)
+            window = _Window()
+            last_record: dict[str, Any] = {}
+            self.model.train()
+            while self.step < last_step:
+                torch.manual_seed(step_seed(cfg.seed, acc.process_index, self.step))
+                self.scheduler.step_update(self.step)
+                step_totals: dict[str, torch.Tensor] = {}
+                for _ in range(cfg.grad_accum_steps):
+                    batch = next(batches)
+                    skipped = batch.pop("skipped", None)
+                    window.add_skipped(skipped)
+                    batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in batch.items()}
+                    with acc.accumulate(self.model):
+                        outputs = self.task(self.model, batch)
+                        acc.backward(outputs["loss"])
+                    for name, value in outputs.items():
+                        step_totals[name] = step_totals.get(name, 0) + value.detach().float() / cfg.grad_accum_steps
+                # the norm tells a diverging gradient from a diverging loss, before the update could spread NaNs into
+                # the weights (clip_grad=None: no clipping; one read of the gradients, ViT-B: ~0.06 s on one CPU core)
+                max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad is not None else float("inf")
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                if grad_norm is not None:
+                    step_totals["grad_norm"] = grad_norm.detach().float()
+                loss_bad, grad_bad, agreed_signum = self._step_flags(step_totals["loss"], grad_norm, stop_signal.signum)
+                update = not (loss_bad or grad_bad)
+                if update:
+                    self.optimizer.step()
+                else:  # raises unless train.max_nonfinite_skips allows skipping this update
+                    self._skip_nonfinite(step_totals["loss"], grad_norm, loss_bad)
+                self.optimizer.zero_grad(set_to_none=True)
+                if update:  # e.g. CLIP clamps its temperature, finetuning updates its EMA
+                    self.task.after_optimizer_step(self.unwrapped_model)
+                    self._loss_since_eval[0] += step_totals["loss"].to(self._loss_since_eval.dtype)
+                    self._loss_since_eval[1] += 1
+                self.step += 1
+                window.add_step(step_totals, sched.global_batch, applied=update)
+                progress.update(1)
 
-            if self.step % cfg.log_every == 0 or self.step == last_step:
-                last_record = self._log(window, wandb_run, progress)
-                window = _Window()
-            epoch, epoch_done = divmod(self.step, sched.steps_per_epoch)
-            if self.evaluator is not None and epoch_done == 0 and self.evaluator.due(epoch):
-                self._evaluate()
-            saved = self.step % cfg.save_every == 0 or self.step == last_step
-            if saved:
-                self.save()
-            # pre-emption: the processes agreed on the signal in _step_flags, so they all stop after the same step
-            signum = agreed_signum if acc.num_processes > 1 else stop_signal.signum
-            if signum and self.step < last_step:
-                if acc.is_main_process:
-                    log.warning("%s received: saving step %d and stopping (a second signal stops at once, unsaved)",
-                                signal.Signals(signum).name, self.step)
-                if not saved:
+                if self.step % cfg.log_every == 0 or self.step == last_step:
+                    last_record = self._log(window, wandb_run, progress)
+                    window = _Window()
+                epoch, epoch_done = divmod(self.step, sched.steps_per_epoch)
+                if self.evaluator is not None and epoch_done == 0 and self.evaluator.due(epoch):
+                    self._evaluate()
+                saved = self.step % cfg.save_every == 0 or self.step == last_step
+                if saved:
                     self.save()
-                progress.close()
-                if wandb_run is not None:
-                    wandb_run.finish()
-                raise TrainingInterrupted(signum, self.step, self.checkpoints_dir / checkpoint_name(self.step))
-        progress.close()
-        if self.evaluator is not None and self.evaluator.last_step != self.step:  # the run ends inside an epoch
-            self._evaluate()
-        if wandb_run is not None:
-            wandb_run.finish()
-        acc.wait_for_everyone()
-        return {"step": self.step, "total_steps": sched.total_steps, **last_record}
+                # pre-emption: the processes agreed on the signal in _step_flags, so they all stop after the same step
+                signum = agreed_signum if acc.num_processes > 1 else stop_signal.signum
+                if signum and self.step < last_step:
+                    if acc.is_main_process:
+                        log.warning("%s received: saving step %d and stopping (a second signal stops at once, unsaved)",
+                                    signal.Signals(signum).name, self.step)
+                    if not saved:
+                        self.save()
+                    progress.close()
+                    if wandb_run is not None:
+                        wandb_run.finish()
+                    raise TrainingInterrupted(signum, self.step, self.checkpoints_dir / checkpoint_name(self.step))
+            stop_reading(batches)  # the last evaluation has the CPUs to itself
+            progress.close()
+            if self.evaluator is not None and self.evaluator.last_step != self.step:  # the run ends inside an epoch
+                self._evaluate()
+            if wandb_run is not None:
+                wandb_run.finish()
+            acc.wait_for_everyone()
+            return {"step": self.step, "total_steps": sched.total_steps, **last_record}
+        finally:  # a run that stops early (an error, a signal) stops its data workers now, not at exit
+            stop_reading(batches)
 
     def _evaluate(self) -> dict[str, Any]:
         """Run the evaluator at the current step with the mean training loss since its last call (over processes)."""
@@ -603,12 +611,6 @@ class _Window:
             for reason, n in part.items():
                 merged[reason] = merged.get(reason, 0) + n
         return {"skipped_samples": sum(merged.values()), "skipped": merged}
-
-
-def _batch_size(batch: dict[str, Any]) -> int:
-    if "key" in batch:
-        return len(batch["key"])
-    return next(len(v) for v in batch.values() if torch.is_tensor(v) or isinstance(v, list))
 
 
 def _rng_state() -> dict[str, Any]:

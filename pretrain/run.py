@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from data import (
+    DataError,
     ShardStream,
     count_samples,
     ensure_embedded_pair_shards,
@@ -87,7 +88,10 @@ def prepare_output_dir(output_dir: str | Path, config: Any, train: TrainConfig, 
             log_file.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
+        try:
+            save_config(config, output_dir / "config.yaml")
+        except OSError as err:  # e.g. a read-only place or a path under a file
+            raise ConfigError(f"'output_dir' {output_dir} cannot be written: {err.strerror or err}") from None
     return output_dir
 
 
@@ -135,7 +139,10 @@ def first_images(shards: str, data: DataConfig, count: int) -> torch.Tensor:
     """The first `count` evaluation images [count, 3, H, W] (a fixed set, so pictures of runs are comparable)."""
     transform = eval_transform(data.image_size, crop_fraction=data.eval_crop_fraction, mean=data.mean, std=data.std)
     stream = ShardStream(shards, transform, batch_size=count, train=False)
-    return next(iter(stream))["image"]
+    batch = next(iter(stream), None)
+    if batch is None:
+        raise DataError(f"the evaluation shards {shards} hold no readable image to draw pictures from")
+    return batch["image"]
 
 
 @dataclass

@@ -21,20 +21,22 @@ EXPORT_DIR = "open_clip"
 
 
 def run_clip(cfg: CLIPPretrainConfig) -> dict[str, Any]:
-    from .models.clip import create_clip, export_open_clip, tokenizer_for
+    from .models.clip import create_clip, export_open_clip, resolve_model_config, tokenizer_for
 
-    run = setup_run(cfg, captions=True)
-    accelerator, output_dir = run.accelerator, run.output_dir
-    try:
-        model, name, model_config = create_clip(cfg.model.open_clip_config)
+    try:  # the model config is checked before anything is written
+        _, model_config = resolve_model_config(cfg.model.open_clip_config)
     except ValueError as err:
         raise ConfigError(f"'model.open_clip_config': {err}") from None
-    if cfg.model.image_tower_checkpoint is not None:
-        log.info("image tower from %s", init_image_tower(model, cfg.model.image_tower_checkpoint))
-    image_size = model.visual.image_size[0] if hasattr(model.visual, "image_size") else cfg.data.image_size
+    image_size = model_config.get("vision_cfg", {}).get("image_size", cfg.data.image_size)
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
     if image_size != cfg.data.image_size:
         raise ConfigError(f"'data.image_size' is {cfg.data.image_size} but the image tower of "
                           f"{cfg.model.open_clip_config} takes {image_size}x{image_size} images")
+    run = setup_run(cfg, captions=True)
+    accelerator, output_dir = run.accelerator, run.output_dir
+    model, name, model_config = create_clip(cfg.model.open_clip_config)
+    if cfg.model.image_tower_checkpoint is not None:
+        log.info("image tower from %s", init_image_tower(model, cfg.model.image_tower_checkpoint))
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     transform = clip_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)

@@ -24,14 +24,22 @@ def model_metadata(model: torch.nn.Module, name: str, objective: str) -> dict[st
     return {"objective": objective, "model_name": name, "model_config": json.dumps(model.config)}
 
 
+def build_model(cfg: MAEPretrainConfig) -> torch.nn.Module:
+    """The config's model; an unknown name or sizes that do not fit (an image not divisible by the patch) are a
+    ConfigError naming the keys."""
+    try:
+        return create_model(cfg.model.name, img_size=cfg.data.image_size, norm_pix_loss=cfg.model.norm_pix_loss,
+                            mask_ratio=cfg.model.mask_ratio)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"'model.name' {cfg.model.name} with 'data.image_size' {cfg.data.image_size}: {err}") from None
+
+
 def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
+    with torch.device("meta"):  # the sizes are checked before anything is written (no memory, no random draws)
+        build_model(cfg)
     run = setup_run(cfg)
     accelerator, output_dir, val_shards = run.accelerator, run.output_dir, run.val_shards
-    try:
-        model = create_model(cfg.model.name, img_size=cfg.data.image_size, norm_pix_loss=cfg.model.norm_pix_loss,
-                             mask_ratio=cfg.model.mask_ratio)
-    except ValueError as err:  # an unknown name, or sizes that do not fit (image not divisible by the patch)
-        raise ConfigError(f"'model.name' {cfg.model.name}: {err}") from None
+    model = build_model(cfg)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
 

@@ -311,3 +311,23 @@ def test_two_processes_count_every_evaluation_image_once(square_shards, tmp_path
     assert metrics["num_images"] == 6 and metrics["steps"] == 2  # 16 images, global batch 8
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log] == [2]  # the main process alone writes the log
+
+
+def test_evaluation_shards_with_other_categories_or_too_few_classes_are_refused(square_shards, tmp_path, capsys):
+    import shutil
+
+    renamed = tmp_path / "val"
+    shutil.copytree(square_shards["val"], renamed)
+    stats = json.loads((renamed / "stats.json").read_text())
+    stats["categories"] = [{"id": 1, "name": "white"}, {"id": 2, "name": "grey"}]
+    (renamed / "stats.json").write_text(json.dumps(stats))
+    common = ["task=detr", "data.num_workers=0", "encoder.checkpoint=null", "logging.wandb=disabled",
+              "logging.progress_bar=false", f"data.train={square_shards['train']}"]
+    assert finetune_main([*common, f"output_dir={tmp_path / 'a'}", f"data.val={renamed}"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: the evaluation shards {renamed} have other categories than the training shards")
+    assert finetune_main([*common, f"output_dir={tmp_path / 'b'}", f"data.val={square_shards['val']}",
+                          "num_classes=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: 'num_classes' is 2 but the training shards {square_shards['train']} have category id 2 (class ids "
+        f"run from 0 to num_classes - 1)")

@@ -62,6 +62,8 @@ class MaskedAutoencoderViT(nn.Module):
             mask_ratio=mask_ratio, encoder_mask_tokens=encoder_mask_tokens,
         )  # fmt: skip
         _check_mask_ratio(mask_ratio)
+        if img_size % patch_size:  # patchify cuts images into whole patches only
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
