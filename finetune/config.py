@@ -257,3 +257,79 @@ class DetrConfig:
         check(self.eval_batch_size >= 1, f"'eval_batch_size' must be >= 1, got {self.eval_batch_size}")
         check(self.num_pictures >= 0, f"'num_pictures' must be >= 0, got {self.num_pictures}")
         check(0 <= self.picture_threshold <= 1, f"'picture_threshold' must be in [0, 1], got {self.picture_threshold}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Frozen features: which ones (finetune/features.py), k-NN (finetune/knn.py), export (finetune/feature_export.py)
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureConfig:
+    """Which frozen features of an encoder (the `feature` section; table in finetune/features.py).
+    pool: "cls" the class token after the final norm (a model without one, e.g. a Swin: its average-pooled last
+    stage); "avg" the average patch token after the final norm; "cls+avg" both, concatenated (ViTs); null: the
+    encoder's own pooled output, as the linear probe has always used (a ViT's class token with
+    encoder.global_pool=null). blocks N > 1: DINOv2's linear-eval feature, the class tokens of the last N blocks,
+    each after the final norm (pool cls), plus the last block's average patch token (pool cls+avg); ViTs only."""
+    pool: Optional[Literal["cls", "avg", "cls+avg"]] = None
+    blocks: int = 1
+
+    def __post_init__(self):
+        check(self.blocks >= 1, f"'feature.blocks' must be >= 1, got {self.blocks}")
+        check(self.blocks == 1 or self.pool in ("cls", "cls+avg"),
+              f"'feature.blocks' {self.blocks} concatenates the class tokens of the last blocks: it needs "
+              f"feature.pool=cls or cls+avg, got {self.pool}")
+
+
+@dataclass
+class KNNConfig:
+    """DINO's weighted k-NN classifier on frozen features (finetune/knn.py): the L2-normalised features of
+    `data.train` are the bank, each image of `data.val` is classified by its k nearest neighbours (cosine), each
+    voting for its class with weight exp(similarity / temperature). `train_features` / `val_features`: folders
+    written by the `features` task, read instead of extracting."""
+    task: Literal["knn"] = "knn"
+    output_dir: str = "runs/knn_demo"
+    data: DataConfig = field(default_factory=DataConfig)  # labelled shards: train the bank, val the classified
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(global_pool=None, drop_path=0.0))
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
+    num_classes: Optional[int] = None  # default: the training shards' (or feature files') class list
+    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    chunk_size: int = 256  # evaluation features compared with the bank at once: similarities [chunk_size, N_train]
+    train_features: Optional[str] = None  # a `features` export folder (e.g. runs/features_demo/train)
+    val_features: Optional[str] = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=256))  # extraction batch, precision
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(wandb="disabled"))
+
+    def __post_init__(self):
+        check(len(self.k) > 0 and min(self.k) >= 1, f"'k' must be a non-empty list of positive integers, got {self.k}")
+        check(self.temperature > 0, f"'temperature' must be positive, got {self.temperature}")
+        check(self.chunk_size >= 1, f"'chunk_size' must be >= 1, got {self.chunk_size}")
+        check(self.num_classes is None or self.num_classes >= 2, f"'num_classes' must be >= 2, got {self.num_classes}")
+        check(self.data.val is not None or self.val_features is not None,
+              "'data.val' (or 'val_features') must name the labelled images a k-NN run classifies")
+
+
+@dataclass
+class FeatureExportConfig:
+    """Write the frozen features of any encoder (or the raw pixels) for shards to safetensors files
+    (finetune/feature_export.py): `data.train` to OUTPUT_DIR/train, `data.val` to OUTPUT_DIR/val (`splits`)."""
+    task: Literal["features"] = "features"
+    output_dir: str = "runs/features_demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    splits: list[Literal["train", "val"]] = field(default_factory=lambda: ["train", "val"])
+    # "labelled": labels stored; "image-text": captions stored with the keys; "images": any shards, images only
+    kind: Literal["labelled", "image-text", "images"] = "labelled"
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(global_pool=None, drop_path=0.0))
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
+    dtype: Literal["float32", "float16"] = "float32"  # of the stored features
+    chunk_size: int = 8192  # rows per file
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=256))  # extraction batch, precision
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(wandb="disabled"))
+
+    def __post_init__(self):
+        check(len(self.splits) > 0 and len(set(self.splits)) == len(self.splits),
+              f"'splits' must name train and/or val once each, got {self.splits}")
+        check("val" not in self.splits or self.data.val is not None,
+              "'data.val' must name shards when splits includes val")
+        check(self.chunk_size >= 1, f"'chunk_size' must be >= 1, got {self.chunk_size}")
