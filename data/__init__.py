@@ -6,7 +6,7 @@ Writing:   sources (read_idx, read_image_folder, read_manifest) -> write_labelle
            every writer takes ShardOptions (sizes, strict, workers, ImageOptions: keep bytes or shrink + JPEG) and
            val_fraction/seed, writes sizes.json/shards.txt/stats.json, returns a WrittenShards per directory
 Reading:   expand_shards / expand_sources ("a::b" mixes sources), count_samples -> ShardStream (kind "labelled",
-           "image-text" or "detection"; evaluation, finite epochs or resampled) -> make_loader; SkipGuard
+           "image-text", "detection" or "images"; evaluation, finite epochs or resampled) -> make_loader; SkipGuard
            read_shard_stats, read_class_names (read_matching_class_names: train vs val), read_categories:
            the stats.json beside the shards
            transforms per objective: mae_train_transform, eval_transform, clip_*_transform, detection_*_transform

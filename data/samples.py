@@ -118,6 +118,23 @@ def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     return default_collate(images)
 
 
+class ImageSamples:
+    """The image alone, whatever else a sample holds: unlabelled shards, or any kind read for its images only
+    (e.g. to export features). {"image", "key"}"""
+
+    name = "images"
+
+    def __init__(self, decode_size: int | None = None):
+        self.decode_size = decode_size
+
+    def prepare(self, raw: dict, transform: Callable) -> dict:
+        image, _ = open_image(_image_bytes(raw), self.decode_size)
+        return {"image": transform(image), "key": raw["__key__"]}
+
+    def collate(self, items: list[dict]) -> dict:
+        return {"image": stack_images([item["image"] for item in items]), "key": [item["key"] for item in items]}
+
+
 class LabelledSamples:
     """Image + integer class ("cls" field)."""
 
@@ -234,11 +251,12 @@ class DetectionSamples:
                 "key": [item["key"] for item in items]}
 
 
-KINDS = {"labelled": LabelledSamples, "image-text": ImageTextSamples, "detection": DetectionSamples}
+KINDS = {"labelled": LabelledSamples, "image-text": ImageTextSamples, "detection": DetectionSamples,
+         "images": ImageSamples}
 
 
 def make_kind(kind: str | SampleKind, tokenizer: Callable | None = None, decode_size: int | None = None) -> SampleKind:
-    """A kind object from its name ("labelled", "image-text", "detection"), or the given object unchanged."""
+    """A kind object from its name ("labelled", "image-text", "detection", "images"), or the given object unchanged."""
     if not isinstance(kind, str):
         if tokenizer is not None or decode_size is not None:
             raise ValueError("pass tokenizer and decode_size to the kind object itself")

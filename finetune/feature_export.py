@@ -26,14 +26,12 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from data import IMAGE_EXTENSIONS, DataError, eval_transform, read_class_names
-from data.images import SampleSkipped
-from data.samples import open_image, stack_images
+from data import DataError, eval_transform, read_class_names
 from pretrain.config import ConfigError
 from pretrain.run import setup_run
 
@@ -45,28 +43,6 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 CHUNK_PATTERN = "features-rank*.safetensors"
 FORMAT_VERSION = 1
-
-
-class ImageSamples:
-    """A ShardStream kind for any shards: the image and the sample key, whatever else a sample holds (unlabelled
-    images; labelled, image-text or detection shards read for their images only). {"image", "key"}"""
-
-    name = "images"
-
-    def prepare(self, raw: dict, transform: Callable) -> dict:
-        field = next((key for key in raw if key.lower() in IMAGE_EXTENSIONS), None)
-        if field is None:
-            raise SampleSkipped("missing_field", "no image field")
-        image, _ = open_image(raw[field])
-        return {"image": transform(image), "key": raw["__key__"]}
-
-    def collate(self, items: list[dict]) -> dict:
-        return {"image": stack_images([item["image"] for item in items]), "key": [item["key"] for item in items]}
-
-
-def stream_kind(kind: str):
-    """The ShardStream kind that reads `kind` ("labelled", "image-text", "images") samples."""
-    return ImageSamples() if kind == "images" else kind
 
 
 class FeatureWriter:
@@ -135,7 +111,7 @@ def export_features(encoder: nn.Module, shards: str, directory: Path, transform,
     writer = FeatureWriter(directory, accelerator.process_index, chunk_size, dtype)
     skipped: Counter = Counter()
     for batch in iter_features(encoder, shards, transform, batch_size, num_workers, accelerator,
-                               f"features ({directory.name})", max_skip_rate, kind=stream_kind(kind),
+                               f"features ({directory.name})", max_skip_rate, kind=kind,
                                progress=progress):
         writer.add(batch["features"], batch["key"], batch.get("label"), batch.get("caption"))
         skipped.update(batch.get("skipped", {}))
