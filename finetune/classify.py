@@ -32,11 +32,11 @@ from pretrain.checkpoint import WEIGHTS_SUFFIXES
 from pretrain.encoders import CLASSIFIER_OBJECTIVE, SPEC_KEY, build_encoder, checkpoint_kind
 from pretrain.engine import Trainer
 from pretrain.evaluation import BEST_DIR, LAST_DIR, METRICS_FILE, Evaluator
+from pretrain.metrics import TopKAccuracy, class_count
 from pretrain.run import setup_run
 
 from .config import AugmentConfig, DistillationConfig, FinetuneConfig
 from .distillation import DistillationLoss, FrozenTeacher
-from .metrics import TopKAccuracy, class_count
 from .tasks import FinetuneTask
 
 log = logging.getLogger(__name__)

@@ -17,82 +17,20 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from data import eval_transform, read_class_names
 from pretrain.config import ConfigError
+from pretrain.metrics import class_count, gather_rows, knn_accuracy
 from pretrain.run import setup_run
 
 from .config import KNNConfig
 from .feature_export import read_feature_files, read_feature_index
 from .features import extract_features, feature_encoder
-from .metrics import TopKAccuracy, class_count
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def knn_votes(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, ks: Sequence[int],
-              temperature: float, num_classes: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """features [n, D] and bank [N, D], both L2-normalised; bank_labels [N] -> for each k: (summed votes
-    [n, num_classes], neighbours per class [n, num_classes]). The votes are exp(sim / T) scaled by the row's
-    exp(-max sim / T), which changes no ranking and keeps small temperatures from overflowing."""
-    similarity = features @ bank.T  # [n, N]: the one large matrix
-    top_similarity, top_index = similarity.topk(max(ks), dim=1)  # [n, k_max], most similar first
-    neighbour_labels = bank_labels[top_index]
-    weights = ((top_similarity - top_similarity[:, :1]) / temperature).exp()
-    votes = {}
-    for k in ks:
-        summed = torch.zeros(len(features), num_classes, dtype=weights.dtype, device=features.device)
-        counts = torch.zeros_like(summed)
-        summed.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
-        counts.scatter_add_(1, neighbour_labels[:, :k], torch.ones_like(weights[:, :k]))
-        votes[k] = summed, counts
-    return votes
-
-
-def ranking_scores(votes: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Scores [n, C] whose top-k (TopKAccuracy) are the k classes with the most votes among those with any:
-    classes without a neighbour score -1, and the true class, when it has none, -2, so it never counts as found."""
-    scores = votes.masked_fill(counts == 0, -1.0)
-    rows = torch.arange(len(labels), device=scores.device)
-    unvoted = counts[rows, labels] == 0
-    scores[rows[unvoted], labels[unvoted]] = -2.0
-    return scores
-
-
-@torch.no_grad()
-def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
-                 ks: Sequence[int], temperature: float, num_classes: int, chunk_size: int = 256,
-                 device: Optional[torch.device] = None) -> dict[int, TopKAccuracy]:
-    """Weighted k-NN of `features` [n, D] with `labels` [n] against `bank` [N, D] with `bank_labels` [N]
-    (normalised here), `chunk_size` rows at a time; for each k its TopKAccuracy (counts of this process)."""
-    if max(ks) > len(bank):
-        raise ConfigError(f"'k' {max(ks)} exceeds the {len(bank)} training features: choose k <= {len(bank)}")
-    device = device or bank.device
-    bank = F.normalize(bank.to(device).float(), dim=1)
-    bank_labels = bank_labels.to(device)
-    accuracies = {k: TopKAccuracy(num_classes) for k in ks}
-    for start in range(0, len(features), chunk_size):
-        chunk = F.normalize(features[start:start + chunk_size].to(device).float(), dim=1)
-        chunk_labels = labels[start:start + chunk_size].to(device)
-        for k, (votes, counts) in knn_votes(chunk, bank, bank_labels, ks, temperature, num_classes).items():
-            accuracies[k].update(ranking_scores(votes, counts, chunk_labels), chunk_labels)
-    return accuracies
-
-
-def gather_rows(tensor: torch.Tensor, accelerator) -> torch.Tensor:
-    """Every process's rows of `tensor` [n_rank, ...] (n_rank may differ), concatenated in rank order, on the CPU."""
-    if accelerator.num_processes == 1:
-        return tensor
-    sizes = accelerator.gather(torch.tensor([len(tensor)], device=accelerator.device)).cpu().tolist()
-    padded = accelerator.pad_across_processes(tensor.to(accelerator.device), dim=0)
-    gathered = accelerator.gather(padded).cpu()
-    longest = max(sizes)
-    return torch.cat([gathered[rank * longest: rank * longest + size] for rank, size in enumerate(sizes)])
 
 
 class _Side:

@@ -12,11 +12,11 @@ from torch import nn
 
 from data import eval_transform
 from pretrain.engine import Trainer
+from pretrain.metrics import TopKAccuracy, class_count
 from pretrain.run import setup_run
 
 from .config import LinearProbeConfig
 from .features import extract_features, feature_encoder
-from .metrics import TopKAccuracy, class_count
 from .tasks import ClassificationTask
 
 log = logging.getLogger(__name__)

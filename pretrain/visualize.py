@@ -1,4 +1,4 @@
-"""Pictures of an MAE run: a reconstruction grid and a loss curve, written as PNG files.
+"""Pictures of runs, written as PNG files: an MAE reconstruction grid, a loss curve, a confusion matrix.
 
 Uses matplotlib's object-oriented API (``Figure`` + Agg canvas), never ``pyplot``, so nothing here touches the
 global backend or needs a display.
@@ -130,3 +130,39 @@ def save_loss_curve(log_jsonl_path: str | Path, png_path: str | Path) -> None:
     figure.tight_layout()
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png_path, format="png")
+
+
+def save_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], png_path: str | Path,
+                          title: str = "") -> Path:
+    """Draw a [true, predicted] count matrix, each row normalised to percent of its true class (the diagonal is
+    per-class recall), counts written in the cells when there are at most 30 classes."""
+    confusion = confusion.double()
+    num_classes = confusion.shape[0]
+    percent = 100.0 * confusion / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    side = min(24.0, max(4.5, 0.45 * num_classes + 2.5))
+    figure = Figure(figsize=(side, side * 0.9), dpi=DPI)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    image = axis.imshow(percent.numpy(), cmap="Blues", vmin=0, vmax=100)
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="% of the true class")
+    if num_classes <= 30:
+        for true in range(num_classes):
+            for predicted in range(num_classes):
+                count = int(confusion[true, predicted])
+                if count:
+                    axis.text(predicted, true, str(count), ha="center", va="center", fontsize=6,
+                              color="white" if percent[true, predicted] > 50 else "black")
+    if num_classes <= 60:
+        names = [str(name)[:20] for name in class_names]
+        axis.set_xticks(range(num_classes), names, rotation=90, fontsize=7)
+        axis.set_yticks(range(num_classes), names, fontsize=7)
+    axis.set_xlabel("predicted class")
+    axis.set_ylabel("true class")
+    total = float(confusion.sum())
+    accuracy = 100.0 * float(confusion.diagonal().sum()) / max(total, 1.0)
+    axis.set_title(f"{title + ': ' if title else ''}top-1 {accuracy:.2f}% of {int(total)} images", fontsize=9)
+    figure.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path, format="png")
+    return png_path

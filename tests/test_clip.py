@@ -156,7 +156,7 @@ def test_checkpoint_and_export_reload_through_open_clip(clip_run, tiny_clip):
 
 
 def test_prompt_ensemble_is_the_renormalised_mean_of_normalised_prompt_embeddings(tiny_clip):
-    from finetune.zeroshot import zero_shot_weights
+    from pretrain.clip_eval import zero_shot_weights
 
     model, name, _ = tiny_clip
     tokenizer = tokenizer_for(name)
@@ -189,7 +189,7 @@ def test_zero_shot_writes_metrics_with_per_class_accuracy(clip_run, tiny_shards,
 
 
 def test_zero_shot_names_a_bad_template_file(tmp_path):
-    from finetune.zeroshot import prompt_templates
+    from pretrain.clip_eval import prompt_templates
 
     bad = tmp_path / "bad.txt"
     bad.write_text("a photo without a slot\n")
