@@ -104,3 +104,97 @@ def evaluate_zero_shot(model: nn.Module, classifier: torch.Tensor, shards: str, 
     if metrics["num_samples"] == 0:
         raise ConfigError(f"no evaluation images read from {shards}")
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
+    """Recall@k of paired retrieval, open_clip's definition (`get_clip_metrics`): `similarity` [N, N] holds
+    image i against text j, image i's partner is text i. For each image, the rank of its text among all N texts;
+    image_to_text R@k is the share of images whose text ranks within the first k (and text_to_image the same by
+    columns). A candidate scoring exactly as high as the partner does not push it down (ties counted in its
+    favour), so the result never depends on how a sort breaks ties. Also the mean and median rank (1 = first).
+    Percentages."""
+    n = similarity.shape[0]
+    if similarity.shape != (n, n) or n == 0:
+        raise ValueError(f"retrieval needs a square, non-empty similarity matrix of pairs, got {tuple(similarity.shape)}")
+    metrics: dict[str, float] = {}
+    for name, matrix in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        ranks = torch.empty(n, dtype=torch.long)
+        for start in range(0, n, chunk_size):
+            rows = matrix[start:start + chunk_size].float()
+            partner = rows[torch.arange(len(rows)), torch.arange(start, start + len(rows))]
+            ranks[start:start + len(rows)] = (rows > partner[:, None]).sum(dim=1)  # 0: the partner comes first
+        for k in ks:
+            metrics[f"{name}_R@{k}"] = 100.0 * float((ranks < k).double().mean())
+        metrics[f"{name}_mean_rank"] = float(ranks.double().mean()) + 1
+        metrics[f"{name}_median_rank"] = float(ranks.median()) + 1
+    return metrics
+
+
+@torch.no_grad()
+def embed_pairs(model: nn.Module, shards: str, transform, tokenizer, batch_size: int, num_workers: int,
+                accelerator, max_skip_rate: float = 0.5, max_samples: int | None = None,
+                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """This process's share of image-text shards (every pair once across processes; at most `max_samples` pairs
+    in all, split evenly) -> (normalised image features [n, D], normalised text features [n, D], keys [n]) on the
+    CPU, in float32."""
+    from tqdm.auto import tqdm
+
+    stream = ShardStream(shards, transform, batch_size, train=False, kind="image-text", tokenizer=tokenizer,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         max_skip_rate=max_skip_rate)
+    limit = None if max_samples is None else -(-max_samples // accelerator.num_processes)
+    total = -(-min(count_samples(shards), max_samples or float("inf")) // (batch_size * accelerator.num_processes))
+    images, texts, keys = [], [], []
+    seen = 0
+    batches = iter(make_data_loader(stream, num_workers))
+    try:
+        for batch in tqdm(batches, total=int(total), desc="retrieval", unit="batch",
+                          disable=not (progress and accelerator.is_main_process), dynamic_ncols=True):
+            with accelerator.autocast():
+                images.append(model.encode_image(batch["image"].to(accelerator.device), normalize=True).float().cpu())
+                texts.append(model.encode_text(batch["text"].to(accelerator.device), normalize=True).float().cpu())
+            keys.extend(batch["key"])
+            seen += len(batch["key"])
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        batches.close()  # stops the workers of a stream left unfinished (max_samples)
+    if not images:
+        return torch.empty(0, 0), torch.empty(0, 0), []
+    image_features, text_features = torch.cat(images), torch.cat(texts)
+    if limit is not None:
+        image_features, text_features, keys = image_features[:limit], text_features[:limit], keys[:limit]
+    return image_features, text_features, keys
+
+
+def retrieval_metrics(model: nn.Module, shards: str, transform, tokenizer, batch_size: int, num_workers: int,
+                      accelerator, max_skip_rate: float = 0.5, max_samples: int | None = None,
+                      ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> dict[str, Any]:
+    """Image->text and text->image recall@k (percent), mean and median rank over the pairs of image-text `shards`
+    (at most `max_samples`), the candidates being every pair read by every process; "num_pairs" says how many.
+    Every process returns the same metrics."""
+    from .metrics import gather_rows
+
+    image_features, text_features, _ = embed_pairs(model, shards, transform, tokenizer, batch_size, num_workers,
+                                                   accelerator, max_skip_rate, max_samples, progress)
+    if image_features.numel() == 0:
+        image_features = text_features = torch.zeros(0, _embed_dim(model))
+    image_features, text_features = gather_rows(image_features, accelerator), gather_rows(text_features, accelerator)
+    if len(image_features) == 0:
+        raise ConfigError(f"no image-text pairs read from {shards}")
+    metrics: dict[str, Any] = recall_at_k(image_features @ text_features.T, ks)
+    metrics["num_pairs"] = len(image_features)
+    return metrics
+
+
+def _embed_dim(model: nn.Module) -> int:
+    """The width of a CLIP model's joint embedding (for a process that read no pair)."""
+    projection = getattr(model, "text_projection", None)
+    if isinstance(projection, torch.Tensor):
+        return projection.shape[1]
+    if isinstance(projection, nn.Linear):
+        return projection.out_features
+    raise ValueError(f"cannot tell the embedding width of {type(model).__name__}")
