@@ -76,7 +76,8 @@ def main() -> None:
     mae_dir = work / "mae"
     if not (mae_dir / "reconstructions.png").is_file():
         argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *common,
-                "train.overwrite=true", *(["train.epochs=1", "num_pictures=2"] if args.smoke else [])]
+                "train.overwrite=true",
+                *(["train.epochs=1", "num_pictures=2", "eval.every_epochs=0"] if args.smoke else [])]
         seconds["MAE pretraining"] = run("pretrain", pretrain_main, argv)
 
     def epochs_of(config: Path, override: int | None) -> int:

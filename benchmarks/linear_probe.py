@@ -1,18 +1,28 @@
-"""Linear-probe quality on Fashion-MNIST: MAE-pretrained encoder vs the same encoder randomly initialised vs raw
-pixels, each under the same probe (BatchNorm + Linear, LARS, no augmentation).
+"""Frozen-feature quality on Fashion-MNIST: MAE-pretrained encoder vs the same encoder randomly initialised vs raw
+pixels, each under the MAE paper's linear probe (BatchNorm + Linear, LARS), the CLIP paper's (L-BFGS logistic
+regression, C swept on a validation part of the training set) and DINO's k-NN (k=20); for the MAE encoder also
+the feature choice (class token, average patch token, both) under the L-BFGS probe; for raw pixels also
+scikit-learn's LogisticRegression with the same C and the same standardisation, as a check of our L-BFGS.
 
     python benchmarks/linear_probe.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench/probe.json
+    python benchmarks/linear_probe.py --encoders pixels --skip-pretrain     # the raw-pixel rows only
 
-Steps (each skipped when its output already exists, so an interrupted benchmark continues):
+Steps (each skipped when its output already exists, so an interrupted benchmark continues; delete a folder to
+redo its step):
 1. `python -m data idx` writes 54,000 training / 6,000 held-out validation images as shards.
-2. `python -m pretrain` trains MAE (configs/mae_vit_tiny_fmnist.yaml) on the training split.
-3. `python -m finetune` probes the three encoders (configs/linprobe_fmnist.yaml) and the table is printed.
+2. `python -m pretrain` trains MAE (configs/mae_vit_tiny_fmnist.yaml) on the training split; with --skip-pretrain
+   an unfinished WORK_DIR/mae is left alone and the MAE rows are skipped.
+3. `python -m finetune task=features` writes each encoder's features once (WORK_DIR/features/NAME/{train,val}).
+4. `python -m finetune` probes them from those folders: configs/linprobe_fmnist.yaml (protocol mae),
+   configs/linprobe_lbfgs_fmnist.yaml (protocol lbfgs), configs/knn_fmnist.yaml (k=20), each into
+   WORK_DIR/<probe>_<features>/ (its metrics.json is reused on a rerun); then scikit-learn on the raw pixels.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,59 +33,172 @@ from pretrain.cli import main as pretrain_main  # noqa: E402
 
 from fmnist_steps import run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
+# the probes: (name, config, overrides) -- each reads the features of one export below
+PROBES = [
+    ("MAE protocol (LARS)", "mae", REPO / "configs/linprobe_fmnist.yaml", []),
+    ("L-BFGS protocol", "lbfgs", REPO / "configs/linprobe_lbfgs_fmnist.yaml", []),
+    ("k-NN (k=20)", "knn", REPO / "configs/knn_fmnist.yaml", ["k=[20]"]),
+]
+
+
+def export(name: str, features_dir: Path, data: list[str], encoder: list[str], seconds: dict) -> Path:
+    """`python -m finetune task=features` for both splits into features_dir/name, unless done earlier."""
+    out = features_dir / name
+    if (out / "train" / "index.json").is_file() and (out / "val" / "index.json").is_file():
+        print(f"\n== features {name}: done earlier ({out})")
+    else:
+        argv = ["task=features", f"output_dir={out}", "train.overwrite=true", "logging.wandb=disabled",
+                "logging.progress_bar=false", "train.batch_size=512", *data, *encoder]
+        seconds[f"features: {name}"] = run(f"features {name}", finetune_main, argv)
+    return out
+
+
+def probe(step: str, config: Path, out: Path, features: Path, overrides: list[str], expect: dict,
+          seconds: dict) -> dict:
+    """One `python -m finetune` probe of the feature folders `features`/{train,val} into `out`, or its earlier
+    metrics.json when that has the `expect`ed values."""
+    metrics_file = out / "metrics.json"
+    if metrics_file.is_file() and all(json.loads(metrics_file.read_text()).get(key) == value
+                                      for key, value in expect.items()):
+        print(f"\n== {step}: done earlier ({metrics_file})")
+    else:
+        argv = ["--config", str(config), f"output_dir={out}", "train.overwrite=true", "logging.progress_bar=false",
+                f"train_features={features / 'train'}", f"val_features={features / 'val'}", *overrides]
+        seconds[step] = run(step, finetune_main, argv)
+    return json.loads(metrics_file.read_text())
+
+
+def scikit_learn_probe(features: Path, C: float, out: Path, seconds: dict) -> dict:
+    """scikit-learn's LogisticRegression(C) (lbfgs, max_iter and tol as our L-BFGS probe's config) on the same
+    standardised features (finetune.logistic.Standardiser, the training features' statistics), or its earlier
+    metrics.json."""
+    metrics_file = out / "metrics.json"
+    if metrics_file.is_file() and json.loads(metrics_file.read_text())["C"] == C:
+        print(f"\n== scikit-learn: done earlier ({metrics_file})")
+        return json.loads(metrics_file.read_text())
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise SystemExit("the scikit-learn row needs scikit-learn: pip install -e '.[bench]'") from None
+    import yaml
+
+    from finetune.feature_export import read_feature_files
+    from finetune.logistic import Standardiser
+
+    settings = yaml.safe_load((REPO / "configs/linprobe_lbfgs_fmnist.yaml").read_text()).get("lbfgs", {})
+    max_iter, tol = settings.get("max_iter", 1000), float(settings.get("tol", 1e-4))
+    print(f"\n== scikit-learn LogisticRegression(C={C:.4g}, max_iter={max_iter}, tol={tol}) on {features}", flush=True)
+    train, train_labels, _ = read_feature_files(features / "train")
+    val, val_labels, _ = read_feature_files(features / "val")
+    standardise = Standardiser.of(train.double())
+    start = time.perf_counter()
+    model = LogisticRegression(C=C, max_iter=max_iter, tol=tol).fit(standardise(train.double()).numpy(),
+                                                                     train_labels.numpy())
+    seconds["scikit-learn"] = time.perf_counter() - start
+    predictions = model.predict(standardise(val.double()).numpy())
+    metrics = {"C": C, "top1": 100.0 * float((predictions == val_labels.numpy()).mean()),
+               "iterations": int(model.n_iter_.max()), "max_iter": max_iter, "tol": tol,
+               "num_train": len(train), "num_samples": len(val), "seconds": seconds["scikit-learn"]}
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fashion-mnist", default=str(REPO.parent / "shared/datasets/fashion-mnist"),
                         help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz")
     parser.add_argument("--work-dir", default="runs/bench_fmnist")
+    parser.add_argument("--encoders", default="mae,random,pixels",
+                        help="comma list of the encoders to probe: mae, random, pixels")
+    parser.add_argument("--skip-pretrain", action="store_true",
+                        help="never train MAE here: without a finished WORK_DIR/mae, skip the MAE rows")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="override the MAE config's epochs")
-    parser.add_argument("--probe-epochs", type=int, default=None, help="override the probe config's epochs")
+    parser.add_argument("--probe-epochs", type=int, default=None, help="override the MAE-protocol probe's epochs")
     parser.add_argument("--json", help="also write the figures as JSON to this path")
     args = parser.parse_args()
+    encoders = [name.strip() for name in args.encoders.split(",") if name.strip()]
+    unknown = set(encoders) - {"mae", "random", "pixels"}
+    if unknown:
+        parser.error(f"--encoders: unknown {', '.join(sorted(unknown))} (choose from mae, random, pixels)")
 
     work = Path(args.work_dir)
     shards = work / "shards"
     seconds: dict[str, float] = {}
     write_split(args.fashion_mnist, shards, seconds)
-    data_overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}"]
+    data = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}"]
+    # the exports see the images as the probe configs' data sections do (32 px, no crop)
+    export_data = [*data, "data.image_size=32", "data.eval_crop_fraction=1.0"]
     mae_dir = work / "mae"
-    pretrain_argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *data_overrides]
-    if args.pretrain_epochs:
-        pretrain_argv.append(f"train.epochs={args.pretrain_epochs}")
-    if not (mae_dir / "reconstructions.png").is_file():
-        seconds["MAE pretraining"] = run("pretrain", pretrain_main, pretrain_argv)
+    mae_done = (mae_dir / "reconstructions.png").is_file()  # written when pretraining ends
+    if "mae" in encoders and not mae_done:
+        if args.skip_pretrain:
+            print(f"\n== MAE rows skipped: {mae_dir} holds no finished pretraining run (--skip-pretrain)")
+            encoders.remove("mae")
+        else:
+            argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *data]
+            if args.pretrain_epochs:
+                argv.append(f"train.epochs={args.pretrain_epochs}")
+            seconds["MAE pretraining"] = run("pretrain", pretrain_main, argv)
 
-    probes = {
-        "MAE pretrained": ["encoder.source=mae", f"encoder.checkpoint={mae_dir}"],
-        "random init (same ViT)": ["encoder.source=mae", "encoder.checkpoint=null",
-                                   "encoder.model_name=mae_vit_tiny_patch4"],
-        "raw pixels": ["encoder.source=pixels", "encoder.checkpoint=null"],
+    # (row label, export name, encoder overrides, probes): the MAE encoder's class token is the pooled feature
+    # the MAE paper probes; its average patch token and both together only under the L-BFGS probe
+    mae_encoder = ["encoder.source=mae", f"encoder.checkpoint={mae_dir}"]
+    feature_sets = {
+        "mae": [("MAE pretrained, cls", "mae_cls", [*mae_encoder, "feature.pool=cls"], PROBES),
+                ("MAE pretrained, avg", "mae_avg", [*mae_encoder, "feature.pool=avg"], PROBES[1:2]),
+                ("MAE pretrained, cls+avg", "mae_cls+avg", [*mae_encoder, "feature.pool=cls+avg"], PROBES[1:2])],
+        "random": [("random init (same ViT), cls", "random_cls", ["encoder.source=mae", "encoder.checkpoint=null",
+                                                                  "encoder.model_name=mae_vit_tiny_patch4",
+                                                                  "feature.pool=cls"], PROBES)],
+        "pixels": [("raw pixels", "pixels", ["encoder.source=pixels", "encoder.checkpoint=null"], PROBES)],
     }
+    # the MAE protocol's lr for raw pixels, chosen on a split of the training shards (configs/linprobe_fmnist.yaml)
+    mae_protocol_overrides = {"pixels": ["optim.base_lr=0.003"]}
     rows = []
-    for name, encoder_args in probes.items():
-        out = work / ("probe_" + name.split()[0].lower())
-        argv = ["--config", str(REPO / "configs/linprobe_fmnist.yaml"), f"output_dir={out}", "train.overwrite=true",
-                *data_overrides, *encoder_args]
-        if args.probe_epochs:
-            argv.append(f"train.epochs={args.probe_epochs}")
-        seconds[f"probe: {name}"] = run(f"probe {name}", finetune_main, argv)
-        metrics = json.loads((out / "metrics.json").read_text())
-        rows.append({"features": name, "dim": metrics["feature_dim"], "top1": metrics["top1"], "top5": metrics["top5"],
-                     "val_images": metrics["num_samples"], "train_images": metrics["num_train"]})
+    for encoder in encoders:
+        for label, name, encoder_args, probes in feature_sets[encoder]:
+            features = export(name, work / "features", export_data, encoder_args, seconds)
+            for probe_label, kind, config, overrides in probes:
+                expect = {"epochs": args.probe_epochs} if kind == "mae" and args.probe_epochs else {}
+                overrides = [*overrides, *(f"train.{key}={value}" for key, value in expect.items()),
+                             *(mae_protocol_overrides.get(name, []) if kind == "mae" else [])]
+                metrics = probe(f"{probe_label}: {label}", config, work / f"{kind}_{name}", features, overrides,
+                                expect, seconds)
+                result = metrics["k"]["20"] if kind == "knn" else metrics
+                rows.append({"features": label, "probe": probe_label, "dim": metrics["feature_dim"],
+                             "top1": result["top1"], "top5": result["top5"], "C": metrics.get("C"),
+                             "val_images": metrics.get("num_samples", metrics.get("num_test")),
+                             "train_images": metrics["num_train"]})
+            if encoder == "pixels":
+                ours = next(row for row in rows if row["features"] == label and row["C"] is not None)  # L-BFGS
+                reference = scikit_learn_probe(features, ours["C"], work / "sklearn_pixels", seconds)
+                rows.append({"features": label, "probe": "scikit-learn LogisticRegression (same C, same "
+                             "standardisation)", "dim": ours["dim"], "top1": reference["top1"], "top5": None,
+                             "C": reference["C"], "val_images": reference["num_samples"],
+                             "train_images": reference["num_train"],
+                             "top1_minus_ours": reference["top1"] - ours["top1"]})
 
-    mae_log = [json.loads(line) for line in (mae_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     result = {
-        "benchmark": "linear probe on Fashion-MNIST (54k train / 6k held-out val from the 60k training set)",
-        "mae": {"config": "configs/mae_vit_tiny_fmnist.yaml", "steps": mae_log[-1]["step"], "final_loss": mae_log[-1]["loss"]},
-        "probes": rows,
+        "benchmark": "frozen features on Fashion-MNIST (54k train / 6k held-out val from the 60k training set)",
+        "mae": None,
+        "rows": rows,
         "seconds": seconds,
     }
-    print("\n| features | dim | top-1 (%) | top-5 (%) |\n|---|---|---|---|")
+    if mae_done or (mae_dir / "reconstructions.png").is_file():
+        mae_log = [json.loads(line) for line in (mae_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        result["mae"] = {"config": "configs/mae_vit_tiny_fmnist.yaml", "steps": mae_log[-1]["step"],
+                         "final_loss": mae_log[-1]["loss"]}
+    print("\n| features | probe | dim | top-1 (%) | top-5 (%) |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['features']} | {row['dim']} | {row['top1']:.2f} | {row['top5']:.2f} |")
-    print(f"\nMAE: {result['mae']['steps']} steps, final loss {result['mae']['final_loss']:.4f}; "
-          f"validation images: {rows[0]['val_images']}, training images: {rows[0]['train_images']}")
+        probe_label = row["probe"] + (f", C={row['C']:.3g}" if row["C"] is not None else "")
+        top5 = "" if row["top5"] is None else f"{row['top5']:.2f}"
+        difference = f" ({row['top1_minus_ours']:+.2f} vs ours)" if "top1_minus_ours" in row else ""
+        print(f"| {row['features']} | {probe_label} | {row['dim']} | {row['top1']:.2f}{difference} | {top5} |")
+    if result["mae"]:
+        print(f"\nMAE: {result['mae']['steps']} steps, final loss {result['mae']['final_loss']:.4f}")
+    if rows:
+        print(f"validation images: {rows[0]['val_images']}, training images: {rows[0]['train_images']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

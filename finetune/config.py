@@ -1,6 +1,7 @@
 """Config schemas of `python -m finetune` (the shared sections, `encoder` included, come from `pretrain.config`)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -9,24 +10,60 @@ from pretrain.config import DataConfig, EncoderConfig, LoggingConfig, OptimConfi
 
 
 @dataclass
+class LBFGSProbeConfig:
+    """The CLIP paper's linear probe (`protocol: lbfgs`, finetune/logistic.py): multinomial logistic regression on
+    standardised features, fit full-batch with L-BFGS. C is scikit-learn's LogisticRegression(C=...): the loss is
+    the sum of the per-sample cross-entropies + ||W||^2 / (2C), bias unpenalised. The C of the best top-1 on a
+    seeded `val_fraction` of the training features (never data.val) wins; the probe is then refit on all of them."""
+    Cs: list[float] = field(default_factory=lambda: [10.0 ** e for e in range(-6, 4)])  # the grid, 1e-6 .. 1e3
+    refine: int = 2  # rounds of bisection in log C around the best (2 fits each): 10x grid steps -> 10^(1/4)
+    patience: Optional[int] = None  # stop going up the grid once this many C past the best did not beat it
+    val_fraction: float = 0.1  # of the training features, carved off to choose C
+    seed: int = 0  # of the validation split
+    max_iter: int = 1000  # L-BFGS iterations per fit (the CLIP paper's scikit-learn runs: 1000)
+    tol: float = 1e-4  # stop when the mean loss's largest gradient entry is at most this (scikit-learn's tol)
+    dtype: Literal["float64", "float32"] = "float64"  # float64 matches scikit-learn; float32 is about twice as fast
+
+    def __post_init__(self):
+        check(len(self.Cs) > 0 and min(self.Cs) > 0, f"'lbfgs.Cs' must be a non-empty list of positive numbers, "
+                                                     f"got {self.Cs}")
+        check(self.refine >= 0, f"'lbfgs.refine' must be >= 0, got {self.refine}")
+        check(self.patience is None or self.patience >= 1,
+              f"'lbfgs.patience' must be >= 1 or null, got {self.patience}")
+        check(0 < self.val_fraction < 1, f"'lbfgs.val_fraction' must be in (0, 1), got {self.val_fraction}")
+        check(self.max_iter >= 1, f"'lbfgs.max_iter' must be >= 1, got {self.max_iter}")
+        check(self.tol > 0, f"'lbfgs.tol' must be positive, got {self.tol}")
+
+
+@dataclass
 class LinearProbeConfig:
-    """The MAE paper's linear probe: frozen encoder, BatchNorm (no affine) + Linear on the class token, LARS,
-    no augmentation. Features are computed once, then the head trains on them."""
+    """A linear probe of frozen features (finetune/linear_probe.py), no augmentation, the features computed once.
+    protocol "mae": the MAE paper's, BatchNorm (no affine) + Linear trained with LARS (`optim`, `train`).
+    protocol "lbfgs": the CLIP paper's, L-BFGS logistic regression with a swept L2 penalty (`lbfgs`).
+    `train_features` / `val_features`: folders written by the `features` task, read instead of extracting."""
     task: Literal["linear_probe"] = "linear_probe"
     output_dir: str = "runs/linprobe_demo"
+    protocol: Literal["mae", "lbfgs"] = "mae"
     data: DataConfig = field(default_factory=DataConfig)
     # the encoder's pooled features: a ViT's class token after the final norm, a Swin's average (its defaults);
     # encoder.source=pixels, or no checkpoint, give the raw-pixel and random-init baselines
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(global_pool=None, drop_path=0.0))
-    num_classes: Optional[int] = None  # default: read from the training shards' stats.json
+    feature: FeatureConfig = field(default_factory=lambda: FeatureConfig())  # which of the encoder's features
+    num_classes: Optional[int] = None  # default: read from the training shards' stats.json (or feature files)
+    # protocol mae
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="lars", base_lr=0.1, weight_decay=0.0, momentum=0.9, warmup_epochs=10))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=90, batch_size=256, log_every=50, save_every=10**9))
+    # protocol lbfgs
+    lbfgs: LBFGSProbeConfig = field(default_factory=LBFGSProbeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     feature_batch_size: int = 256  # batch size of the (no-grad) feature extraction
+    train_features: Optional[str] = None  # a `features` export folder (e.g. runs/features_demo/train)
+    val_features: Optional[str] = None
 
     def __post_init__(self):
-        check(self.data.val is not None, "'data.val' must name the evaluation shards of a linear probe")
+        check(self.data.val is not None or self.val_features is not None,
+              "'data.val' (or 'val_features') must name the evaluation data of a linear probe")
         check(self.num_classes is None or self.num_classes >= 2, f"'num_classes' must be >= 2, got {self.num_classes}")
         check(self.feature_batch_size >= 1, f"'feature_batch_size' must be >= 1, got {self.feature_batch_size}")
 
@@ -40,6 +77,19 @@ class ZeroShotModelConfig:
 
 
 @dataclass
+class ZeroShotSetConfig:
+    """One labelled evaluation set of a zero-shot run (an entry of `sets`)."""
+    name: str  # its row in metrics.json and its confusion_matrix_<name>.png
+    shards: str  # labelled shards, or "embedded" (the bundled validation split)
+    classes: str = "stats"  # as the top-level `classes`
+    templates: Optional[str] = None  # as the top-level `templates`; null: the top-level templates
+
+    def __post_init__(self):
+        check(re.fullmatch(r"[\w.-]+", self.name) is not None,
+              f"'sets' name {self.name!r} must be letters, digits, '_', '.' or '-' (it names a file)")
+
+
+@dataclass
 class ZeroShotConfig:
     """Zero-shot classification of labelled shards (`data.val`) with a prompt ensemble; see finetune/zeroshot.py."""
     task: Literal["zeroshot"] = "zeroshot"
@@ -50,11 +100,38 @@ class ZeroShotConfig:
     classes: str = "stats"  # "stats" (the shards' stats.json), "imagenet" (open_clip's names) or a .txt/.json file
     # "openai" (the CLIP paper's 80), "simple" (open_clip's 7), one template with "{}", or a .txt/.json file
     templates: str = "openai"
+    # several labelled sets in one run, each with its own classifier (data.val is then not read); empty: data.val
+    # with the classes and templates above
+    sets: list[ZeroShotSetConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=256))  # batch size, precision
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(wandb="disabled"))
 
     def __post_init__(self):
-        check(self.data.val is not None, "'data.val' must name the labelled evaluation shards of a zero-shot run")
+        check(self.data.val is not None or bool(self.sets),
+              "'data.val' must name the labelled evaluation shards of a zero-shot run")
+        names = [s.name for s in self.sets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        check(not repeated, f"'sets' names must be unique, got {', '.join(repeated)} more than once")
+
+
+@dataclass
+class RetrievalConfig:
+    """Image->text and text->image recall@k of a CLIP model over the pairs of image-text shards (`data.val`), every
+    pair read being a candidate; see finetune/retrieval.py."""
+    task: Literal["retrieval"] = "retrieval"
+    output_dir: str = "runs/retrieval_demo"
+    data: DataConfig = field(default_factory=lambda: DataConfig(val=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD))
+    model: ZeroShotModelConfig = field(default_factory=ZeroShotModelConfig)
+    # the first pairs only (null: all); they are also the whole candidate pool, so recall rises as it shrinks
+    max_samples: Optional[int] = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=256))  # batch size, precision
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(wandb="disabled"))
+
+    def __post_init__(self):
+        check(self.data.val is not None and self.data.val != "embedded",
+              "'data.val' must name image-text shards (python -m data captions|pairs); the embedded validation "
+              "split is labelled")
+        check(self.max_samples is None or self.max_samples >= 1, f"'max_samples' must be >= 1, got {self.max_samples}")
 
 
 # --------------------------------------------------------------------------------------------------------------

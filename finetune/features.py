@@ -144,11 +144,13 @@ def iter_features(encoder: nn.Module, shards: str, transform, batch_size: int, n
 
 def extract_features(encoder: nn.Module, shards: str, transform, batch_size: int, num_workers: int,
                      accelerator, description: str, max_skip_rate: float = 0.5, progress: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of labelled shards, every sample once -> (features [N, D], labels [N]) on the CPU."""
-    features, labels = [], []
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """This process's share of labelled shards, every sample once -> (features [N, D], labels [N]) on the CPU and
+    the N sample keys."""
+    features, labels, keys = [], [], []
     for batch in iter_features(encoder, shards, transform, batch_size, num_workers, accelerator, description,
                                  max_skip_rate, progress=progress):
         features.append(batch["features"])
         labels.append(batch["label"])
-    return torch.cat(features), torch.cat(labels)
+        keys.extend(batch["key"])
+    return torch.cat(features), torch.cat(labels), keys

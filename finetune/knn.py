@@ -16,83 +16,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
-from typing import Any, Optional
+from typing import Any
 
-import torch
-
-from data import eval_transform, read_class_names
-from pretrain.config import ConfigError
-from pretrain.metrics import class_count, gather_rows, knn_accuracy
-from pretrain.run import setup_run
+from pretrain.metrics import knn_accuracy
 
 from .config import KNNConfig
-from .feature_export import read_feature_files, read_feature_index
-from .features import extract_features, feature_encoder
+from .feature_sets import load_feature_sets, setup_feature_run
 
 log = logging.getLogger(__name__)
 
 
-class _Side:
-    """One side of a k-NN run (the training bank or the evaluation set): its features and where they came from."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, encoder: str, kind: str, source: str,
-                 from_files: bool = False, classes: Optional[list[str]] = None):
-        self.features, self.labels, self.encoder, self.kind = features, labels, encoder, kind
-        self.source, self.from_files, self.classes = source, from_files, classes
-
-
-def _read_side(directory: str, what: str) -> _Side:
-    index = read_feature_index(directory)
-    if not index.get("labels"):
-        raise ConfigError(f"'{what}' {directory} holds no labels (exported from {index.get('kind')} shards): "
-                          f"k-NN needs features of labelled shards")
-    features, labels, _ = read_feature_files(directory)
-    return _Side(features, labels, index["encoder"], index["feature"], str(directory), from_files=True,
-                 classes=index.get("classes"))
-
-
 def run_knn(cfg: KNNConfig) -> dict[str, Any]:
-    # shards read only where no feature files stand in for them (config.yaml then says so: data.val null)
-    run_cfg = replace(cfg, data=replace(cfg.data, val=None)) if cfg.val_features else cfg
-    run = setup_run(run_cfg, train_data=cfg.train_features is None)
+    run = setup_feature_run(cfg)
     accelerator = run.accelerator
-    rank, world = accelerator.process_index, accelerator.num_processes
-
-    num_classes = None
-    if cfg.train_features is None and cfg.val_features is None:  # fail on a class mismatch before extracting
-        num_classes = class_count(cfg.num_classes, run.train_shards, run.val_shards)
-    encoder = description = None
-    if cfg.train_features is None or cfg.val_features is None:
-        encoder, description = feature_encoder(cfg.encoder, cfg.data.image_size, cfg.feature)
-        encoder.to(accelerator.device)
-    transform = eval_transform(cfg.data.image_size, crop_fraction=cfg.data.eval_crop_fraction, mean=cfg.data.mean,
-                               std=cfg.data.std)
-
-    def extract(shards: str, what: str) -> _Side:
-        features, labels = extract_features(encoder, shards, transform, cfg.train.batch_size, cfg.data.num_workers,
-                                            accelerator, f"features ({what})", cfg.data.max_skip_rate,
-                                            progress=cfg.logging.progress_bar)
-        return _Side(features, labels, description, encoder.kind, shards)
-
-    if cfg.train_features:
-        train = _read_side(cfg.train_features, "train_features")  # every process: the whole bank
-    else:
-        train = extract(run.train_shards, "train")
-        train.features, train.labels = gather_rows(train.features, accelerator), gather_rows(train.labels, accelerator)
-    if cfg.val_features:
-        val = _read_side(cfg.val_features, "val_features")
-        val.features, val.labels = val.features[rank::world], val.labels[rank::world]  # this process's share
-    else:
-        val = extract(run.val_shards, "val")
-    for attribute, name in (("encoder", "encoder"), ("kind", "feature")):
-        if getattr(train, attribute) != getattr(val, attribute):
-            raise ConfigError(f"the training and evaluation features differ in {name}: {getattr(train, attribute)!r} "
-                              f"({train.source}) against {getattr(val, attribute)!r} ({val.source})")
-    if train.features.shape[1] != val.features.shape[1]:
-        raise ConfigError(f"the training features have dimension {train.features.shape[1]}, the evaluation "
-                          f"features {val.features.shape[1]}")
-    num_classes = num_classes or _num_classes(cfg.num_classes, train, val)
+    # every process holds the whole bank and classifies its share of the evaluation features
+    train, val, num_classes = load_feature_sets(cfg, run, cfg.train.batch_size, whole_train=True)
 
     accuracies = knn_accuracy(val.features, val.labels, train.features, train.labels, cfg.k, cfg.temperature,
                               num_classes, cfg.chunk_size, accelerator.device)
@@ -110,21 +48,3 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
                  train.encoder, metrics["num_test"], metrics["num_train"], summary, run.output_dir / "metrics.json")
     return metrics
 
-
-def _num_classes(num_classes: Optional[int], train: _Side, val: _Side) -> int:
-    """class_count's rule (num_classes, else the class list train and val must share), with feature files giving
-    the class names their index recorded."""
-    if not train.from_files and not val.from_files:
-        return class_count(num_classes, train.source, val.source)
-    names = [side.classes if side.from_files else read_class_names(side.source) for side in (train, val)]
-    if None in names:
-        if num_classes is None:
-            raise ConfigError(f"the feature files {train.source if names[0] is None else val.source} record no "
-                              f"class names (their shards had no stats.json): set num_classes")
-        return num_classes
-    if names[0] != names[1]:
-        raise ConfigError(f"the training features ({train.source}) and evaluation features ({val.source}) have "
-                          f"different class lists: {names[0]} against {names[1]}")
-    if num_classes is not None and num_classes < len(names[0]):
-        raise ConfigError(f"'num_classes' is {num_classes} but {train.source} has {len(names[0])} classes")
-    return num_classes or len(names[0])

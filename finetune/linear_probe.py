@@ -1,22 +1,37 @@
-"""Linear probing, as in the MAE paper: a frozen encoder, BatchNorm without affine + Linear on its features,
-LARS, no augmentation. The encoder is frozen and the images are not augmented, so the features are computed
-once and the head trains on them through the shared engine."""
+"""Linear probing of frozen features, by one of two protocols (`protocol`):
+
+- "mae", the MAE paper's (He et al. 2022): BatchNorm without affine + Linear, trained with LARS through the shared
+  engine (`optim`, `train`);
+- "lbfgs", the CLIP paper's (Radford et al. 2021, appendix A.3): multinomial logistic regression on standardised
+  features, fit full-batch with L-BFGS, its L2 strength C chosen on a validation part carved from the training
+  features and then refit on all of them (finetune/logistic.py, `lbfgs`).
+
+The encoder is frozen and the images are not augmented, so the features (`feature`: which ones) are computed once,
+or read from folders the `features` task wrote (`train_features` / `val_features`). The probe is evaluated on the
+evaluation side: OUTPUT_DIR/metrics.json (top-1 / top-5 and the protocol's details) and confusion_matrix.png.
+Several processes give the metrics of one: the MAE protocol trains one head on every process's share (the
+engine's gradient averaging); the L-BFGS protocol gathers all training features, sorted by sample key, to every
+process and fits the same model on each.
+
+    python -m finetune --config configs/linprobe_fmnist.yaml          # protocol mae
+    python -m finetune --config configs/linprobe_lbfgs_fmnist.yaml    # protocol lbfgs
+"""
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from data import eval_transform
 from pretrain.engine import Trainer
-from pretrain.metrics import TopKAccuracy, class_count
-from pretrain.run import setup_run
+from pretrain.metrics import TopKAccuracy
+from pretrain.visualize import save_confusion_matrix
 
 from .config import LinearProbeConfig
-from .features import extract_features, feature_encoder
+from .feature_sets import FeatureSet, class_names, load_feature_sets, setup_feature_run
+from .logistic import Standardiser, fit_logistic_regression, sweep_C
 from .tasks import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -53,51 +68,92 @@ def feature_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
-def evaluate(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, accelerator, batch_size: int = 1024) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) over every process's evaluation features, each sample counted once."""
-    was_training = head.training
-    head.eval()
-    accuracy = None
+def evaluate(head: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, labels: torch.Tensor,
+             num_classes: int, accelerator, batch_size: int = 1024) -> TopKAccuracy:
+    """This process's top-k counts and confusion matrix of `head` (features [B, D] -> logits [B, num_classes]) on
+    its evaluation features; `.result(accelerator)` sums them over processes, each sample counted once."""
+    accuracy = TopKAccuracy(num_classes)
     for start in range(0, len(features), batch_size):
         logits = head(features[start:start + batch_size].to(accelerator.device))
-        accuracy = accuracy or TopKAccuracy(logits.shape[1])
         accuracy.update(logits, labels[start:start + batch_size])
-    head.train(was_training)
-    return accuracy.result(accelerator)
+    return accuracy
 
 
 def run_linear_probe(cfg: LinearProbeConfig) -> dict[str, Any]:
-    run = setup_run(cfg)
+    run = setup_feature_run(cfg)
     accelerator = run.accelerator
-    num_classes = class_count(cfg.num_classes, run.train_shards, run.val_shards)
+    # L-BFGS fits on all training features, on every process; the MAE head trains on each process's share
+    train, val, num_classes = load_feature_sets(cfg, run, cfg.feature_batch_size, whole_train=cfg.protocol == "lbfgs")
+    num_train = len(train.features) if cfg.protocol == "lbfgs" else int(accelerator.reduce(
+        torch.tensor(float(len(train.features)), device=accelerator.device), reduction="sum").item())
+    described = train.encoder if train.kind == train.encoder else f"{train.kind} features of {train.encoder}"
+    log.info("probing (%s protocol) %s: %d training and %d evaluation features of dimension %d, %d classes",
+             cfg.protocol, described, num_train, len(val.features), train.features.shape[1], num_classes)
 
-    encoder, description = feature_encoder(cfg.encoder, cfg.data.image_size)
-    encoder.to(accelerator.device)
-    transform = eval_transform(cfg.data.image_size, crop_fraction=cfg.data.eval_crop_fraction, mean=cfg.data.mean, std=cfg.data.std)
-    train_features, train_labels = extract_features(encoder, run.train_shards, transform, cfg.feature_batch_size,
-                                                    cfg.data.num_workers, accelerator, "features (train)", cfg.data.max_skip_rate)
-    val_features, val_labels = extract_features(encoder, run.val_shards, transform, cfg.feature_batch_size,
-                                                cfg.data.num_workers, accelerator, "features (val)", cfg.data.max_skip_rate)
-    del encoder
-    local_count = torch.tensor(float(len(train_features)), device=accelerator.device)
-    samples_per_epoch = int(accelerator.reduce(local_count, reduction="sum").item())
-    log.info("probing %s: %d training and %d evaluation features of dimension %d, %d classes",
-             description, samples_per_epoch, len(val_features), train_features.shape[1], num_classes)
+    if cfg.protocol == "lbfgs":
+        head, details = lbfgs_probe(cfg, train, num_classes, accelerator)
+    else:
+        head, details = mae_probe(cfg, run, train, num_train, num_classes)
+    accuracy = evaluate(head, val.features, val.labels, num_classes, accelerator)
+    metrics = {"protocol": cfg.protocol, **accuracy.result(accelerator), "encoder": train.encoder,
+               "feature": train.kind, "feature_dim": int(train.features.shape[1]), "num_classes": num_classes,
+               "num_train": num_train, **details}
+    confusion = accuracy.confusion_matrix(accelerator)
+    if accelerator.is_main_process:
+        (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        picture = save_confusion_matrix(confusion, class_names(train, num_classes),
+                                        run.output_dir / "confusion_matrix.png",
+                                        f"linear probe ({cfg.protocol}), {described}")
+        chosen = f", C={metrics['C']:.3g}" if cfg.protocol == "lbfgs" else ""
+        log.info("linear probe (%s protocol%s) of %s: top-1 %.2f%%, top-5 %.2f%% on %d images; metrics in %s, "
+                 "confusion matrix in %s", cfg.protocol, chosen, described, metrics["top1"], metrics["top5"],
+                 metrics["num_samples"], run.output_dir / "metrics.json", picture)
+    return metrics
 
-    head = LinearProbeHead(train_features.shape[1], num_classes)
+
+def mae_probe(cfg: LinearProbeConfig, run, train: FeatureSet, num_train: int, num_classes: int
+              ) -> tuple[nn.Module, dict[str, Any]]:
+    """The MAE protocol: train LinearProbeHead on this process's training features through the engine (LARS,
+    `optim`, `train`). -> (the head in eval mode, its metrics)"""
+    head = LinearProbeHead(train.features.shape[1], num_classes)
     trainer = Trainer.from_config(
-        cfg, run, model=head, task=ClassificationTask(), samples_per_epoch=samples_per_epoch,
+        cfg, run, model=head, task=ClassificationTask(), samples_per_epoch=num_train,
         make_loader=lambda start_batch, rank, world_size: feature_batches(
-            train_features, train_labels, cfg.train.batch_size, cfg.train.seed * 1000 + rank, start_batch),
-        model_metadata={"objective": "linear_probe", "feature_dim": str(train_features.shape[1]),
+            train.features, train.labels, cfg.train.batch_size, cfg.train.seed * 1000 + rank, start_batch),
+        model_metadata={"objective": "linear_probe", "feature_dim": str(train.features.shape[1]),
                         "num_classes": str(num_classes)},
     )
     summary = trainer.fit()
-    metrics = evaluate(trainer.unwrapped_model, val_features, val_labels, accelerator)
-    metrics.update(encoder=description, feature_dim=int(train_features.shape[1]), num_train=samples_per_epoch,
-                   epochs=cfg.train.epochs, steps=summary["step"], final_train_loss=summary.get("loss"))
-    if accelerator.is_main_process:
-        (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log.info("linear probe (%s): top-1 %.2f%%, top-5 %.2f%% on %d images; metrics in %s", description,
-                 metrics["top1"], metrics["top5"], metrics["num_samples"], run.output_dir / "metrics.json")
-    return metrics
+    return trainer.unwrapped_model.eval(), {"epochs": cfg.train.epochs, "steps": summary["step"],
+                                            "final_train_loss": summary.get("loss")}
+
+
+def lbfgs_probe(cfg: LinearProbeConfig, train: FeatureSet, num_classes: int, accelerator
+                ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """The CLIP paper's protocol on all training features (every process: the same rows in the same order, so the
+    same model): choose C on a validation part of them, refit on all. -> (features -> logits, its metrics)"""
+    settings = cfg.lbfgs
+    dtype = {"float64": torch.float64, "float32": torch.float32}[settings.dtype]
+    train = train.sorted_by_key()  # one order however many processes extracted, or wrote, the features
+    features, labels = train.features.to(accelerator.device, dtype), train.labels.to(accelerator.device)
+
+    def report(result: dict) -> None:
+        if accelerator.is_main_process:
+            log.info("L-BFGS sweep: C=%.3g, validation top-1 %.2f%% (%d iterations%s)", result["C"], result["top1"],
+                     result["iterations"], "" if result["converged"] else ", max_iter reached")
+
+    sweep = sweep_C(features, labels, num_classes, settings.Cs, val_fraction=settings.val_fraction,
+                    seed=settings.seed, refine=settings.refine, patience=settings.patience,
+                    max_iter=settings.max_iter, tol=settings.tol, report=report)
+    if accelerator.is_main_process and sweep.C in (min(settings.Cs), max(settings.Cs)):  # refine only goes inwards
+        log.warning("the best C, %.3g, is at an end of lbfgs.Cs: a wider grid may find a better one", sweep.C)
+    standardise = Standardiser.of(features)  # the training features' statistics, applied to every input
+    fit = fit_logistic_regression(standardise(features), labels, num_classes, sweep.C, settings.max_iter, settings.tol,
+                                  init=sweep.fits[sweep.C])  # warm start: the sweep's solution for this C
+
+    def head(batch: torch.Tensor) -> torch.Tensor:
+        return fit.logits(standardise(batch.to(accelerator.device, dtype)))
+
+    return head, {"C": sweep.C, "sweep": sweep.results, "num_fit_split": sweep.num_fit,
+                  "num_val_split": sweep.num_val, "iterations": fit.iterations, "converged": fit.converged,
+                  "dtype": settings.dtype}

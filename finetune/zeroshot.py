@@ -1,59 +1,100 @@
 """Zero-shot classification with a CLIP model and a prompt ensemble (task `zeroshot`; the classifier and the
 accuracy are pretrain/clip_eval.py's). Any labelled shards serve as the evaluation set; the classes are named by a
-file or the shards' stats.json.
+file or the shards' stats.json. Several sets can be evaluated in one run (`sets`), each with its own classes and
+prompts: metrics.json then has a row per set and their mean.
 """
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from dataclasses import replace
+from typing import Any, Callable
 
-from data import DataError, clip_eval_transform, read_class_names
+import torch
+from torch import nn
+
+from data import clip_eval_transform
 from pretrain.clip_eval import class_names, evaluate_zero_shot, prompt_templates, zero_shot_weights
-from pretrain.config import ConfigError, to_dict
-from pretrain.run import setup_run
+from pretrain.config import ConfigError, DataConfig, to_dict
+from pretrain.run import resolve_shards, setup_run
+from pretrain.visualize import save_confusion_matrix
 
-from .config import ZeroShotConfig
+from .config import ZeroShotConfig, ZeroShotModelConfig
 
 log = logging.getLogger(__name__)
 
-def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
-    from pretrain.models.clip import load_clip, tokenizer_for
 
-    # only evaluation shards are read: data.val alone ("embedded": the bundled validation split)
-    run = setup_run(cfg, train_data=False)
-    accelerator, output_dir, eval_shards = run.accelerator, run.output_dir, run.val_shards
-    names = class_names(cfg.classes, eval_shards)
-    if cfg.classes != "stats":  # label i of the shards is the i-th name: the counts must agree
-        try:
-            shard_names = read_class_names(eval_shards)
-        except DataError:  # shards of other origin, no stats.json: nothing to check against
-            shard_names = names
-        if len(shard_names) != len(names):
-            raise ConfigError(f"'classes' {cfg.classes} gives {len(names)} class names but the shards {eval_shards} "
-                              f"have {len(shard_names)} classes ({', '.join(shard_names)})")
+def load_clip_model(model_cfg: ZeroShotModelConfig, data: DataConfig, device) -> tuple[nn.Module, str, Callable]:
+    """(CLIP model in eval mode on `device`, its open_clip config name, its evaluation transform) for the zero-shot
+    and retrieval tasks; `data.image_size` must be the size the model takes."""
+    from pretrain.models.clip import load_clip
+
     try:
-        model, name = load_clip(cfg.model.checkpoint, cfg.model.open_clip_config)
+        model, name = load_clip(model_cfg.checkpoint, model_cfg.open_clip_config)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        raise ConfigError(f"'model.checkpoint' {cfg.model.checkpoint}: {err}") from None
-    model = model.to(accelerator.device).eval()
-    image_size = model.visual.image_size[0] if hasattr(model.visual, "image_size") else cfg.data.image_size
-    if image_size != cfg.data.image_size:
-        raise ConfigError(f"'data.image_size' is {cfg.data.image_size} but model {name} takes {image_size}x{image_size}")
+        raise ConfigError(f"'model.checkpoint' {model_cfg.checkpoint}: {err}") from None
+    image_size = model.visual.image_size[0] if hasattr(model.visual, "image_size") else data.image_size
+    if image_size != data.image_size:
+        raise ConfigError(f"'data.image_size' is {data.image_size} but model {name} takes {image_size}x{image_size}")
+    return model.to(device).eval(), name, clip_eval_transform(image_size, mean=data.mean, std=data.std)
 
-    templates = prompt_templates(cfg.templates)
-    classifier = zero_shot_weights(model, tokenizer_for(name), names, templates, accelerator.device)
-    transform = clip_eval_transform(image_size, mean=cfg.data.mean, std=cfg.data.std)
-    metrics = evaluate_zero_shot(model, classifier, eval_shards, transform, cfg.train.batch_size,
-                                 cfg.data.num_workers, accelerator, cfg.data.max_skip_rate)
+
+def evaluate_set(model: nn.Module, tokenizer, transform, shards: str, classes: str, templates: str,
+                 cfg: ZeroShotConfig, accelerator) -> tuple[dict[str, Any], list[str], torch.Tensor]:
+    """One labelled set: its classifier from `classes` x `templates`, then (metrics, class names, confusion
+    matrix [C, C])."""
+    names = class_names(classes, shards)
+    prompts = prompt_templates(templates)
+    classifier = zero_shot_weights(model, tokenizer, names, prompts, accelerator.device)
+    metrics = evaluate_zero_shot(model, classifier, shards, transform, cfg.train.batch_size, cfg.data.num_workers,
+                                 accelerator, cfg.data.max_skip_rate, confusion=True)
+    confusion = metrics.pop("confusion_matrix")
     metrics["per_class_top1"] = dict(zip(names, metrics["per_class_top1"]))
     metrics["per_class_samples"] = dict(zip(names, metrics["per_class_samples"]))
-    metrics.update(model=str(cfg.model.checkpoint), open_clip_config=name, eval_shards=str(eval_shards),
-                   num_classes=len(names), num_templates=len(templates), templates=cfg.templates,
+    metrics.update(eval_shards=str(shards), num_classes=len(names), num_templates=len(prompts), templates=templates)
+    return metrics, names, confusion
+
+
+def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
+    from pretrain.models.clip import tokenizer_for
+
+    if cfg.sets:  # the sets name their own shards: data.val is not read
+        cfg = replace(cfg, data=replace(cfg.data, val=None))
+    # only evaluation shards are read: data.val alone ("embedded": the bundled validation split), or the sets'
+    run = setup_run(cfg, train_data=False)
+    accelerator, output_dir = run.accelerator, run.output_dir
+    model, name, transform = load_clip_model(cfg.model, cfg.data, accelerator.device)
+    tokenizer = tokenizer_for(name)
+    described = dict(model=str(cfg.model.checkpoint), open_clip_config=name)
+
+    if not cfg.sets:
+        metrics, names, confusion = evaluate_set(model, tokenizer, transform, run.val_shards, cfg.classes,
+                                                 cfg.templates, cfg, accelerator)
+        metrics.update(described, config=to_dict(cfg))
+        if accelerator.is_main_process:
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            png = save_confusion_matrix(confusion, names, output_dir / "confusion_matrix.png", f"zero-shot, {name}")
+            log.info("zero-shot (%s, %d classes x %d prompts): top-1 %.2f%%, top-5 %.2f%% on %d images; metrics.json, "
+                     "%s in %s", name, len(names), metrics["num_templates"], metrics["top1"], metrics["top5"],
+                     metrics["num_samples"], png.name, output_dir)
+        return metrics
+
+    rows, pngs = {}, []
+    for entry in cfg.sets:
+        _, shards = resolve_shards(replace(cfg.data, val=entry.shards), output_dir, accelerator, read_train=False)
+        rows[entry.name], names, confusion = evaluate_set(model, tokenizer, transform, shards, entry.classes,
+                                                          entry.templates or cfg.templates, cfg, accelerator)
+        if accelerator.is_main_process:
+            pngs.append(save_confusion_matrix(confusion, names, output_dir / f"confusion_matrix_{entry.name}.png",
+                                              f"zero-shot {entry.name}, {name}"))
+    # each set counts once, whatever its size (as benchmark suites average their data sets)
+    mean_top1 = sum(row["top1"] for row in rows.values()) / len(rows)
+    mean_top5 = sum(row["top5"] for row in rows.values()) / len(rows)
+    metrics = dict(top1=mean_top1, top5=mean_top5, mean_top1=mean_top1, mean_top5=mean_top5, sets=rows, **described,
                    config=to_dict(cfg))
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log.info("zero-shot (%s, %d classes x %d prompts): top-1 %.2f%%, top-5 %.2f%% on %d images; metrics in %s",
-                 name, len(names), len(templates), metrics["top1"], metrics["top5"], metrics["num_samples"],
-                 output_dir / "metrics.json")
+        per_set = ", ".join(f"{set_name} {row['top1']:.2f}%" for set_name, row in rows.items())
+        log.info("zero-shot (%s, %d sets): mean top-1 %.2f%%, mean top-5 %.2f%% (top-1: %s); metrics.json, %s in %s",
+                 name, len(rows), mean_top1, mean_top5, per_set, ", ".join(png.name for png in pngs), output_dir)
     return metrics

@@ -6,6 +6,7 @@ open_clip; and the shared core every run uses, pretraining and heads alike:
     engine.py      the one training loop (Trainer), resumable exactly
     tasks.py       the Task protocol between a model and the loop; the pretraining tasks
     evaluation.py  the one evaluator of training runs: metrics.json, best/ and last/ weights
+    monitor.py     what that evaluator measures during pretraining: k-NN (MAE family), zero-shot and retrieval (CLIP)
     checkpoint.py  checkpoints, the one weights reader and writer, the mismatch report
     encoders.py    the one road from any of our checkpoints to a timm encoder
     cli.py         the command-line helpers every entry point shares (one-line errors, exit statuses)

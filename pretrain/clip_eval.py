@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from data import ShardStream, count_samples, read_class_names
+from data import DataError, ShardStream, count_samples, read_class_names
 from data import make_loader as make_data_loader
 
 from .config import ConfigError
@@ -44,15 +44,27 @@ def _read_list(path: Path, what: str) -> list[str]:
     return entries
 
 
-def class_names(spec: str, eval_shards: str | None) -> list[str]:
-    """"stats": the evaluation shards' stats.json; "imagenet": open_clip's ImageNet-1k names; else a file."""
+def class_names(spec: str, eval_shards: str | None, key: str = "classes") -> list[str]:
+    """"stats": the evaluation shards' stats.json; "imagenet": open_clip's ImageNet-1k names; else a file. Label i
+    of the shards is the i-th name: names given otherwise than by "stats" must be as many as the shards' classes
+    (`key` names the config key in the error); shards without a stats.json are taken as they come."""
     if spec == "stats":
         return read_class_names(eval_shards)
     if spec == "imagenet":
         from open_clip import IMAGENET_CLASSNAMES
 
-        return list(IMAGENET_CLASSNAMES)
-    return _read_list(Path(spec), "class names")
+        names = list(IMAGENET_CLASSNAMES)
+    else:
+        names = _read_list(Path(spec), "class names")
+    if eval_shards is not None:
+        try:
+            shard_names = read_class_names(eval_shards)
+        except DataError:  # shards of other origin, no stats.json: nothing to check against
+            shard_names = names
+        if len(shard_names) != len(names):
+            raise ConfigError(f"'{key}' {spec} gives {len(names)} class names but the shards {eval_shards} have "
+                              f"{len(shard_names)} classes ({', '.join(shard_names)})")
+    return names
 
 
 def prompt_templates(spec: str) -> list[str | Callable[[str], str]]:
@@ -83,26 +95,43 @@ def zero_shot_weights(model: nn.Module, tokenizer, names: Sequence[str], templat
 
 @torch.no_grad()
 def evaluate_zero_shot(model: nn.Module, classifier: torch.Tensor, shards: str, transform, batch_size: int,
-                       num_workers: int, accelerator, max_skip_rate: float = 0.5) -> dict[str, Any]:
-    """Top-1 / top-5 and per-class accuracy over labelled shards, each sample counted once across processes."""
+                       num_workers: int, accelerator, max_skip_rate: float = 0.5,
+                       confusion: bool = False, max_samples: int | None = None,
+                       progress: bool = True) -> dict[str, Any]:
+    """Top-1 / top-5 and per-class accuracy over labelled shards, each sample counted once across processes
+    (max_samples: the first of each process's share only, about max_samples in all, as embed_pairs);
+    confusion=True adds "confusion_matrix", the [true, predicted] top-1 counts (int64 tensor [C, C])."""
     from tqdm.auto import tqdm
 
     num_classes = classifier.shape[1]
     stream = ShardStream(shards, transform, batch_size, train=False, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, max_skip_rate=max_skip_rate)
-    total = -(-count_samples(shards) // (batch_size * accelerator.num_processes))
+    limit = None if max_samples is None else -(-max_samples // accelerator.num_processes)
+    total = -(-min(count_samples(shards), max_samples or float("inf")) // (batch_size * accelerator.num_processes))
     accuracy = TopKAccuracy(num_classes)
-    for batch in tqdm(make_data_loader(stream, num_workers), total=total, desc="zero-shot", unit="batch",
-                      disable=not accelerator.is_main_process, dynamic_ncols=True):
-        labels = batch["label"]
-        if int(labels.max()) >= num_classes:
-            raise ConfigError(f"label {int(labels.max())} in {shards} but only {num_classes} class names")
-        with accelerator.autocast():
-            features = model.encode_image(batch["image"].to(accelerator.device), normalize=True)
-        accuracy.update(LOGIT_SCALE * features.float() @ classifier.float(), labels)
+    seen = 0
+    batches = iter(make_data_loader(stream, num_workers))
+    try:
+        for batch in tqdm(batches, total=int(total), desc="zero-shot", unit="batch",
+                          disable=not (progress and accelerator.is_main_process), dynamic_ncols=True):
+            labels, images = batch["label"], batch["image"]
+            if limit is not None:
+                labels, images = labels[:limit - seen], images[:limit - seen]
+            if int(labels.max()) >= num_classes:
+                raise ConfigError(f"label {int(labels.max())} in {shards} but only {num_classes} class names")
+            with accelerator.autocast():
+                features = model.encode_image(images.to(accelerator.device), normalize=True)
+            accuracy.update(LOGIT_SCALE * features.float() @ classifier.float(), labels)
+            seen += len(labels)
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        batches.close()  # stops the workers of a stream left unfinished (max_samples)
     metrics = accuracy.result(accelerator, per_class=True)
     if metrics["num_samples"] == 0:
         raise ConfigError(f"no evaluation images read from {shards}")
+    if confusion:
+        metrics["confusion_matrix"] = accuracy.confusion_matrix(accelerator)
     return metrics
 
 
@@ -129,7 +158,9 @@ def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10), chunk_
         for k in ks:
             metrics[f"{name}_R@{k}"] = 100.0 * float((ranks < k).double().mean())
         metrics[f"{name}_mean_rank"] = float(ranks.double().mean()) + 1
-        metrics[f"{name}_median_rank"] = float(ranks.median()) + 1
+        # numpy's median (the mean of the two middle ranks when n is even), floored, as open_clip; torch's median
+        # would take the lower middle rank
+        metrics[f"{name}_median_rank"] = float(ranks.double().quantile(0.5).floor()) + 1
     return metrics
 
 
@@ -138,14 +169,18 @@ def embed_pairs(model: nn.Module, shards: str, transform, tokenizer, batch_size:
                 accelerator, max_skip_rate: float = 0.5, max_samples: int | None = None,
                 progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """This process's share of image-text shards (every pair once across processes; at most `max_samples` pairs
-    in all, split evenly) -> (normalised image features [n, D], normalised text features [n, D], keys [n]) on the
-    CPU, in float32."""
+    in all, split evenly: the first ones of each process's share, so which pairs depends on the number of
+    processes) -> (normalised image features [n, D], normalised text features [n, D], keys [n]) on the CPU, in
+    float32."""
     from tqdm.auto import tqdm
 
     stream = ShardStream(shards, transform, batch_size, train=False, kind="image-text", tokenizer=tokenizer,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          max_skip_rate=max_skip_rate)
-    limit = None if max_samples is None else -(-max_samples // accelerator.num_processes)
+    limit = None  # this process's share of max_samples: the first (max_samples mod processes) ranks read one more
+    if max_samples is not None:
+        limit = max_samples // accelerator.num_processes
+        limit += int(accelerator.process_index < max_samples % accelerator.num_processes)
     total = -(-min(count_samples(shards), max_samples or float("inf")) // (batch_size * accelerator.num_processes))
     images, texts, keys = [], [], []
     seen = 0

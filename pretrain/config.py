@@ -331,6 +331,46 @@ class EncoderConfig:
               "'encoder.checkpoint' must be null with encoder.source=pixels (the pixels are the features)")
 
 
+@dataclass
+class MonitorConfig:
+    """Evaluation during pretraining (the `eval` section; pretrain/monitor.py): how researchers tell a good run from
+    a bad one before it ends. Every `every_epochs` epochs (or `every_steps` steps) and after the last step, measured
+    on bounded sets and written to log.jsonl (keys "eval/..."), wandb, metrics.json and the curves picture.
+
+    - MAE / UM-MAE / SimMIM: DINO's weighted k-NN (k, temperature) of at most `max_images` labelled images of
+      `shards` against the features of at most `max_bank_images` of `bank`: knn_top1, knn_top5.
+    - CLIP: zero-shot top-1 / top-5 on at most `max_images` of `zeroshot_shards` (labelled; none: skipped), and
+      image->text / text->image retrieval R@1 among at most `max_images` pairs of `shards` (image-text; labelled
+      shards there, e.g. data.val "embedded", serve zero-shot instead when zeroshot_shards is not set)."""
+    every_epochs: int = 0  # 0: off (unless every_steps)
+    every_steps: Optional[int] = None  # instead of every_epochs: evaluate every this many optimizer steps
+    shards: Optional[str] = None  # the evaluation images; default data.val (MAE: labelled; CLIP: image-text pairs)
+    max_images: int = 2000  # the first this many evaluation images (each set), split across processes
+    bank: Optional[str] = None  # k-NN: labelled shards whose features are the neighbours; default data.train
+    max_bank_images: int = 10000
+    k: int = 20
+    temperature: float = 0.07
+    zeroshot_shards: Optional[str] = None  # CLIP: labelled shards for zero-shot top-1 (data.val holds pairs)
+    classes: str = "stats"  # CLIP: the class names, as the zeroshot task's `classes`
+    templates: str = "simple"  # CLIP: "simple" (open_clip's 7), "openai" (80), one template with "{}", or a file
+
+    def __post_init__(self):
+        check(self.every_epochs >= 0, f"'eval.every_epochs' must be >= 0 (0: off), got {self.every_epochs}")
+        check(self.every_steps is None or self.every_steps >= 1,
+              f"'eval.every_steps' must be >= 1 or null, got {self.every_steps}")
+        check(not (self.every_epochs and self.every_steps),
+              "'eval.every_epochs' and 'eval.every_steps' are alternatives: set one of them, the other to 0 / null")
+        check(self.max_images >= 1, f"'eval.max_images' must be >= 1, got {self.max_images}")
+        check(self.k >= 1, f"'eval.k' must be >= 1, got {self.k}")
+        check(self.max_bank_images >= self.k,
+              f"'eval.max_bank_images' must be >= eval.k ({self.k}), got {self.max_bank_images}")
+        check(self.temperature > 0, f"'eval.temperature' must be positive, got {self.temperature}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_epochs > 0 or self.every_steps is not None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # MAE pretraining
 # --------------------------------------------------------------------------------------------------------------
@@ -357,6 +397,12 @@ class MAEPretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     num_pictures: int = 8  # images in the reconstruction picture written at the end (0 = none)
+    eval: MonitorConfig = field(default_factory=MonitorConfig)  # k-NN monitoring (off by default)
+
+    def __post_init__(self):
+        check(not self.eval.enabled or (self.eval.shards or self.data.val) is not None,
+              "'eval.shards' (or 'data.val') must name the labelled images k-NN monitoring classifies "
+              "(eval.every_epochs / eval.every_steps is set)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -390,8 +436,13 @@ class CLIPPretrainConfig:
                                                                    warmup_epochs=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=128))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # zero-shot (eval.zeroshot_shards) and retrieval (image-text pairs of eval.shards, default data.val) monitoring
+    eval: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self):
+        check(not self.eval.enabled or (self.eval.zeroshot_shards or self.eval.shards or self.data.val) is not None,
+              "'eval.zeroshot_shards' (labelled) or 'eval.shards' / 'data.val' (image-text pairs) must name what "
+              "CLIP monitoring evaluates (eval.every_epochs / eval.every_steps is set)")
         # Accumulating gradients over micro-batches would score each micro-batch only against its own negatives:
         # a different (weaker) objective than one large batch. open_clip's accum_freq caches features instead;
         # here it is refused rather than silently changing the loss.

@@ -96,6 +96,17 @@ def spec_for_pretrained(pretrained: nn.Module, image_size: int) -> dict[str, Any
     raise ConfigError(f"{type(pretrained).__name__} has no timm encoder (timm_vit_kwargs / timm_swin_kwargs)")
 
 
+def encoder_of(pretrained: nn.Module, image_size: int) -> nn.Module:
+    """The encoder of our pretraining model `pretrained` (MAE's ViT, UM-MAE's / SimMIM's Swin) as the timm model a
+    checkpoint of it gives `build_encoder` (encoder.global_pool null: the model's own pooling, a ViT's class token,
+    a Swin's average), without a head, its weights copied from `pretrained.encoder_state_dict()`; in eval mode.
+    Monitoring during pretraining measures this model, so its numbers are those of the heads on the checkpoint."""
+    spec = {**spec_for_pretrained(pretrained, image_size), "num_classes": 0, "global_pool": None}
+    model = _create_for_image_size(spec, image_size, drop_path=0.0)
+    load_trunk(model, pretrained.encoder_state_dict(), f"the {type(pretrained).__name__} being trained")
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------------------ the one road
 
 def build_encoder(cfg: EncoderConfig, image_size: Optional[int] = None, *, num_classes: int = 0,

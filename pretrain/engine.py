@@ -2,8 +2,8 @@
 
 What is trained is decided elsewhere: a *task* (`pretrain.tasks.Task`: `task(model, batch) -> {"loss": tensor,
 ...}`, the other entries scalars to log) and an optional *evaluator* (`pretrain.evaluation.Evaluator`, called every
-few epochs and after the last step), so the same loop runs MAE, CLIP, finetuning, distillation, DETR and linear
-probes. accelerate places the model, wraps it for DDP and applies mixed precision; the data stream splits itself
+few epochs or steps and after the last step; its metrics join that step's log line as "eval/<name>"), so the same
+loop runs MAE, CLIP, finetuning, distillation, DETR and linear probes. accelerate places the model, wraps it for DDP and applies mixed precision; the data stream splits itself
 across processes, and the loop only tells it how many batches it already consumed (`start_batch`) so a resumed run
 continues the stream. `Trainer.from_config(cfg, run, ...)` builds the loop from a run's config sections.
 """
@@ -36,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, LoggingConfig, OptimConfig, TrainConfig, to_dict
-from .evaluation import Evaluator
+from .evaluation import LOG_PREFIX, Evaluator
 from .run import Run, make_accelerator, training_loader_factory
 from .tasks import Task
 
@@ -225,9 +225,10 @@ class Trainer:
         param_group_fn: Optional[Callable[[nn.Module], list[dict[str, Any]]]] = None,
         make_scheduler: Optional[Callable[[Any, Schedule], Any]] = None,
     ):
-        """`evaluator`: called on every process after each epoch it is due for (`evaluator.due(epoch)`; after that
-        step's log line, before its checkpoint) and after the run's last step, epoch complete or not; the loop puts
-        the model back in training mode afterwards. `param_group_fn`: see build_optimizer.
+        """`evaluator`: called on every process after each step it is due for (`evaluator.due(step,
+        steps_per_epoch)`; before that step's checkpoint) and after the run's last step, epoch complete or not; the
+        loop puts the model back in training mode afterwards. Each evaluation step gets a log line (log.jsonl, wandb)
+        whose "eval/<name>" entries are the evaluation's scalar metrics. `param_group_fn`: see build_optimizer.
         `make_scheduler(optimizer, schedule)`: a timm scheduler (`step_update(step)`) in place of warmup + cosine,
         e.g. DETR's step decay."""
         self.train_cfg, self.optim_cfg, self.logging_cfg = train, optim, logging_cfg
@@ -342,12 +343,16 @@ class Trainer:
                 window.add_step(step_totals, sched.global_batch, applied=update)
                 progress.update(1)
 
-                if self.step % cfg.log_every == 0 or self.step == last_step:
-                    last_record = self._log(window, wandb_run, progress)
+                evaluate = self.evaluator is not None and (
+                    self.step == last_step or self.evaluator.due(self.step, sched.steps_per_epoch))
+                if evaluate or self.step % cfg.log_every == 0 or self.step == last_step:
+                    record = self._window_record(window)  # timed before the evaluation, which is not training
+                    if evaluate:
+                        if self.step == last_step:
+                            stop_reading(batches)  # the last evaluation has the CPUs to itself
+                        record.update(self._evaluate())
+                    last_record = self._write_log(record, wandb_run, progress)
                     window = _Window()
-                epoch, epoch_done = divmod(self.step, sched.steps_per_epoch)
-                if self.evaluator is not None and epoch_done == 0 and self.evaluator.due(epoch):
-                    self._evaluate()
                 saved = self.step % cfg.save_every == 0 or self.step == last_step
                 if saved:
                     self.save()
@@ -363,9 +368,9 @@ class Trainer:
                     if wandb_run is not None:
                         wandb_run.finish()
                     raise TrainingInterrupted(signum, self.step, self.checkpoints_dir / checkpoint_name(self.step))
-            stop_reading(batches)  # the last evaluation has the CPUs to itself
+            stop_reading(batches)
             progress.close()
-            if self.evaluator is not None and self.evaluator.last_step != self.step:  # the run ends inside an epoch
+            if self.evaluator is not None and self.evaluator.last_step != self.step:  # resumed at the last step
                 self._evaluate()
             if wandb_run is not None:
                 wandb_run.finish()
@@ -375,7 +380,9 @@ class Trainer:
             stop_reading(batches)
 
     def _evaluate(self) -> dict[str, Any]:
-        """Run the evaluator at the current step with the mean training loss since its last call (over processes)."""
+        """Run the evaluator at the current step with the mean training loss since its last call (over processes).
+        Returns its scalar metrics for the log line, as {"eval/<name>": value} (counts such as num_samples and the
+        record's epoch, step and train_loss left out: the log line has its own)."""
         acc = self.accelerator
         totals = self._loss_since_eval.clone()
         if acc.num_processes > 1:
@@ -387,7 +394,9 @@ class Trainer:
         record = self.evaluator(self.unwrapped_model, acc, epoch=epoch, step=self.step,
                                 train_loss=loss_sum / steps if steps else None)
         self.model.train()
-        return record
+        return {f"{LOG_PREFIX}{name}": value for name, value in record.items()
+                if name not in ("epoch", "step", "train_loss") and not name.startswith("num_")
+                and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
     # ------------------------------------------------------------------------------------------------------------
     def _step_flags(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], signum: int) -> tuple[bool, bool, int]:
@@ -431,7 +440,8 @@ class Trainer:
         latest = find_latest(self.checkpoints_dir)
         return f"The last good checkpoint is {latest}." if latest else "No checkpoint was written yet."
 
-    def _log(self, window: "_Window", wandb_run, progress) -> dict[str, Any]:
+    def _window_record(self, window: "_Window") -> dict[str, Any]:
+        """The log line of the steps since the last one: their mean values (over processes), lr, throughput."""
         acc = self.accelerator
         values = {name: total / window.steps for name, total in window.totals.items()}
         if not window.steps:  # every update of the window was skipped (non-finite)
@@ -448,7 +458,10 @@ class Trainer:
             "nonfinite_skips": self.nonfinite_skips,  # skipped updates so far in the run
             **window.skipped_counts(acc),
         }
-        if acc.is_main_process:
+        return record
+
+    def _write_log(self, record: dict[str, Any], wandb_run, progress) -> dict[str, Any]:
+        if self.accelerator.is_main_process:
             with open(self.output_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.0f}")

@@ -1,10 +1,12 @@
-"""The one evaluator of training runs: the engine calls it every `every` epochs and after the run's last step
-(a partial epoch too); it measures the model (and any extra models, e.g. a weight EMA), keeps `last/` and `best/`
-weights, and rewrites `metrics.json` with the history.
+"""The one evaluator of training runs: the engine calls it every `every` epochs (or `every_steps` steps) and after
+the run's last step (a partial epoch too); it measures the model (and any extra models, e.g. a weight EMA), keeps
+`last/` and `best/` weights (unless told not to), and rewrites `metrics.json` with the history. The engine writes
+each record's metrics to log.jsonl and wandb too.
 
 What is measured is the head's business: `measure(model, accelerator) -> {name: value}` (classification: top-1 /
-top-5 on data.val, finetune/classify.py; detection: COCO AP, finetune/detection.py). Every process calls it (it may
-run collectives); the record must come back the same on every process.
+top-5 on data.val, finetune/classify.py; detection: COCO AP, finetune/detection.py; monitoring during pretraining:
+k-NN, zero-shot, retrieval, pretrain/monitor.py). Every process calls it (it may run collectives); the record must
+come back the same on every process.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .checkpoint import BEST_DIR, LAST_DIR, MODEL_FILE, save_weights
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+LOG_PREFIX = "eval/"  # an evaluation's metrics in the log line of its step (log.jsonl, wandb): eval/top1 ...
 
 Measure = Callable[[nn.Module, Any], dict[str, Any]]
 
@@ -31,12 +34,15 @@ class Evaluator:
     beside the trained one, by prefix: {"ema_": ema_module} gives ema_top1 ... and ema_last/, ema_best/.
     weights_metadata: stored in every weights file written (e.g. the spec that rebuilds the model). summary: fixed
     entries of metrics.json (the model's description, class count, ...). resume: keep the history of metrics.json
-    from before the resume point."""
+    from before the resume point. every_steps: evaluate every this many steps instead of every `every` epochs.
+    keep_weights=False: no last/ and best/ weights (monitoring a pretraining run, whose checkpoints hold them)."""
 
     def __init__(self, output_dir: str | Path, measure: Measure, *, key: str, every: int = 1,
+                 every_steps: Optional[int] = None, keep_weights: bool = True,
                  weights_metadata: Optional[dict[str, str]] = None, summary: Optional[dict[str, Any]] = None,
                  extra_models: Callable[[], dict[str, Optional[nn.Module]]] = dict, resume: bool = False):
         self.output_dir, self.measure, self.key, self.every = Path(output_dir), measure, key, every
+        self.every_steps, self.keep_weights = every_steps, keep_weights
         self.weights_metadata, self.summary = dict(weights_metadata or {}), dict(summary or {})
         self.extra_models = extra_models
         self.history: list[dict[str, Any]] = []
@@ -45,8 +51,12 @@ class Evaluator:
             self.history = json.loads(metrics_file.read_text()).get("history", [])
         self.last_step: Optional[int] = None  # the step last evaluated in this process's run
 
-    def due(self, epoch: int) -> bool:
-        return epoch % self.every == 0
+    def due(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether the run evaluates after `step` (the run's last step is evaluated whatever this says)."""
+        if self.every_steps is not None:
+            return step % self.every_steps == 0
+        epoch, into_epoch = divmod(step, steps_per_epoch)
+        return into_epoch == 0 and epoch % self.every == 0
 
     def __call__(self, model: nn.Module, accelerator, *, epoch: float, step: int,
                  train_loss: Optional[float]) -> dict[str, Any]:
@@ -60,7 +70,7 @@ class Evaluator:
         self.last_step = step
         if accelerator.is_main_process:
             metadata = {**self.weights_metadata, "epoch": str(epoch)}
-            for prefix, weights in {"": model, **models}.items():
+            for prefix, weights in ({"": model, **models} if self.keep_weights else {}).items():
                 value = record[f"{prefix}{self.key}"]
                 file_metadata = {**metadata, self.key: str(value)}
                 save_weights(self.output_dir / f"{prefix}{LAST_DIR}" / MODEL_FILE, weights.state_dict(), file_metadata)

@@ -11,6 +11,7 @@ from data import clip_train_transform
 from .config import CLIPPretrainConfig, ConfigError
 from .encoders import init_image_tower
 from .engine import Trainer
+from .monitor import clip_monitor
 from .run import setup_run
 from .tasks import CLIPTask
 from .visualize import save_loss_curve
@@ -42,9 +43,11 @@ def run_clip(cfg: CLIPPretrainConfig) -> dict[str, Any]:
     transform = clip_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
     task = CLIPTask(cfg.model.local_loss, cfg.model.gather_with_grad, rank=accelerator.process_index,
                     world_size=accelerator.num_processes)
+    tokenizer = tokenizer_for(name)
     trainer = Trainer.from_config(
-        cfg, run, model=model, task=task, transform=transform, kind="image-text", tokenizer=tokenizer_for(name),
+        cfg, run, model=model, task=task, transform=transform, kind="image-text", tokenizer=tokenizer,
         model_metadata={"objective": "clip", "model_name": name, "model_config": json.dumps(model_config)},
+        evaluator=clip_monitor(cfg, run, tokenizer),
     )
     summary = trainer.fit()
 

@@ -12,6 +12,7 @@ from data import mae_train_transform
 from .config import ConfigError, MAEPretrainConfig
 from .engine import Trainer
 from .models import create_model
+from .monitor import knn_monitor
 from .run import first_images, setup_run
 from .tasks import MAETask
 from .visualize import save_loss_curve, save_reconstruction_grid
@@ -45,7 +46,8 @@ def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
 
     transform = mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
     trainer = Trainer.from_config(cfg, run, model=model, task=MAETask(cfg.model.mask_ratio), transform=transform,
-                                  model_metadata=model_metadata(model, cfg.model.name, "mae"))
+                                  model_metadata=model_metadata(model, cfg.model.name, "mae"),
+                                  evaluator=knn_monitor(cfg, run))
     summary = trainer.fit()
 
     if accelerator.is_main_process:

@@ -14,6 +14,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pretrain.evaluation import LOG_PREFIX
 from pretrain.models.mae import MaskedAutoencoderViT
 
 GRID_COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
@@ -97,8 +98,10 @@ def save_reconstruction_grid(
 
 def save_loss_curve(log_jsonl_path: str | Path, png_path: str | Path) -> None:
     """Plot loss (and lr on a second y axis, where logged) against step from a JSON-lines log with records like
-    {"step": 10, "loss": 0.9, "lr": 1e-4}. Records without "loss" (e.g. eval lines) are skipped."""
+    {"step": 10, "loss": 0.9, "lr": 1e-4}; records without "loss" are skipped. The evaluations the log holds
+    ("eval/<name>" entries, e.g. eval/knn_top1) get a second panel below, against the same steps."""
     steps, losses, lr_steps, lrs = [], [], [], []
+    evaluations: dict[str, tuple[list, list]] = {}  # name -> (steps, values)
     with open(log_jsonl_path) as log:
         for line_number, line in enumerate(log, start=1):
             if not line.strip():
@@ -114,19 +117,35 @@ def save_loss_curve(log_jsonl_path: str | Path, png_path: str | Path) -> None:
             if record.get("lr") is not None:
                 lr_steps.append(record["step"])
                 lrs.append(record["lr"])
+            for key, value in record.items():
+                if key.startswith(LOG_PREFIX) and value is not None:
+                    points = evaluations.setdefault(key[len(LOG_PREFIX):], ([], []))
+                    points[0].append(record["step"])
+                    points[1].append(value)
     if not steps:
         raise ValueError(f"{log_jsonl_path}: no records with both 'step' and 'loss'")
 
-    figure = Figure(figsize=(6, 4), dpi=DPI)
+    figure = Figure(figsize=(6, 7 if evaluations else 4), dpi=DPI)
     FigureCanvasAgg(figure)
-    loss_axis = figure.subplots()
+    if evaluations:
+        loss_axis, eval_axis = figure.subplots(2, 1, sharex=True)
+    else:
+        loss_axis = figure.subplots()
     loss_axis.plot(steps, losses, color="tab:blue", label="loss")
-    loss_axis.set_xlabel("step")
+    if not evaluations:  # else the evaluation panel below carries the shared axis
+        loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("loss", color="tab:blue")
     if lrs:
         lr_axis = loss_axis.twinx()
         lr_axis.plot(lr_steps, lrs, color="tab:orange", label="lr")
         lr_axis.set_ylabel("learning rate", color="tab:orange")
+    if evaluations:
+        for name, (eval_steps, values) in evaluations.items():
+            eval_axis.plot(eval_steps, values, marker="o", markersize=3, label=name)
+        eval_axis.set_xlabel("step")
+        eval_axis.set_ylabel("evaluation")
+        eval_axis.grid(alpha=0.3)
+        eval_axis.legend(fontsize=8)
     figure.tight_layout()
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png_path, format="png")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_helpers import write_tiny_clip_config
+from clip_helpers import train_tiny_clip, write_tiny_clip_config
 from data import caption_for, expand_shards
 from data.captions import CAPTION_PHRASINGS, CLASS_NOUNS
 from pretrain.config import CLIPPretrainConfig, ConfigError, load_config
@@ -113,21 +113,7 @@ def test_clip_config_refuses_gradient_accumulation_and_keeps_its_own_defaults(tm
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory, tiny_pair_shards, tiny_clip, single_thread):
     """A 3-step CLIP run of the tiny model through `python -m pretrain`."""
-    from pretrain.cli import main
-
-    _, _, config = tiny_clip
-    out = tmp_path_factory.mktemp("clip_run") / "run"
-    code = main(["--config", str(REPO / "configs" / "clip_vit_tiny_demo.yaml"), f"output_dir={out}",
-                 f"model.open_clip_config={config}", f"data.train={tiny_pair_shards}", "data.image_size=16",
-                 "data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=16", "train.epochs=1",
-                 "train.stop_after_steps=3", "train.log_every=1", "train.mixed_precision=no",
-                 "logging.wandb=disabled", "logging.progress_bar=false"])
-    assert code == 0
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return out
+    return train_tiny_clip(tmp_path_factory.mktemp("clip_run") / "run", tiny_clip[2], tiny_pair_shards)
 
 
 def test_clip_run_logs_the_contrastive_metrics(clip_run):
@@ -186,6 +172,7 @@ def test_zero_shot_writes_metrics_with_per_class_accuracy(clip_run, tiny_shards,
     assert sum(metrics["per_class_samples"].values()) == 16
     weighted = sum(metrics["per_class_top1"][c] * n for c, n in metrics["per_class_samples"].items()) / 16
     assert weighted == pytest.approx(metrics["top1"])
+    assert (out / "confusion_matrix.png").stat().st_size > 0
 
 
 def test_zero_shot_names_a_bad_template_file(tmp_path):

@@ -37,7 +37,7 @@ def two_process_mae(tmp_path_factory, tiny_shards):
     result = torchrun("pretrain", f"output_dir={out}", f"data.train={train_dir}", f"data.val={val_dir}",
                       "data.image_size=16", "data.num_workers=0", "data.shuffle_buffer=8", "train.batch_size=8",
                       "train.epochs=1", "train.log_every=1", "train.mixed_precision=no", "logging.wandb=disabled",
-                      "logging.progress_bar=false", "num_pictures=2")
+                      "logging.progress_bar=false", "num_pictures=2", "eval.every_epochs=1")
     return out, result
 
 
@@ -50,6 +50,23 @@ def test_two_processes_share_one_global_batch_and_one_log(two_process_mae):
     assert all(r["loss"] > 0 for r in log)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]
     assert (out / "reconstructions.png").is_file()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_two_process_knn_monitoring_equals_the_one_process_knn_task(two_process_mae, tiny_shards, tmp_path):
+    """Each process extracts its share of the bank and of the evaluation images (the bank gathered, the counts
+    summed): the same numbers as the `knn` task on the run's checkpoint in one process."""
+    from finetune.cli import main as finetune_main
+
+    mae_dir, _ = two_process_mae
+    train_dir, val_dir = tiny_shards
+    monitored = json.loads((mae_dir / "metrics.json").read_text())
+    assert (monitored["num_knn_images"], monitored["num_knn_bank"]) == (16, 64)  # every image once
+    out = tmp_path / "knn"
+    assert finetune_main(["task=knn", f"encoder.checkpoint={mae_dir}", f"data.train={train_dir}", f"data.val={val_dir}",
+                          "data.image_size=16", "train.batch_size=8", "k=[20]", f"output_dir={out}", *TINY_RUN]) == 0
+    task = json.loads((out / "metrics.json").read_text())
+    assert task["k"]["20"] == {"top1": monitored["knn_top1"], "top5": monitored["knn_top5"]}
 
 
 def test_two_process_linear_probe_counts_every_evaluation_image_once(two_process_mae, tiny_shards, tmp_path):

@@ -60,11 +60,12 @@ def test_export_reads_back_equal_to_extract_features(exported, tiny_shards, vit_
     features, labels, keys = read_feature_files(exported / "train")
     encoder, description = feature_encoder(EncoderConfig(checkpoint=str(vit_checkpoint), global_pool=None,
                                                          drop_path=0.0), 16, FeatureConfig(pool="cls+avg"))
-    expected, expected_labels = extract_features(encoder, str(train_dir), eval_transform(16, crop_fraction=1.0), 16, 0,
-                                                 _SingleProcess(), "test", progress=False)
+    expected, expected_labels, expected_keys = extract_features(
+        encoder, str(train_dir), eval_transform(16, crop_fraction=1.0), 16, 0, _SingleProcess(), "test", progress=False)
     assert features.shape == (64, 64) and features.dtype == torch.float32
     assert torch.allclose(features, expected, atol=1e-6) and torch.equal(labels, expected_labels)
     assert len(set(keys)) == 64 and {k: int(v) for k, v in zip(keys, labels)} == labels_by_key(train_dir)
+    assert keys == expected_keys
     index = read_feature_index(exported / "train")
     assert index["count"] == 64 and index["dim"] == 64 and index["feature"] == "cls+avg"
     assert index["encoder"] == description and index["kind"] == "labelled" and len(index["classes"]) == 10

@@ -131,8 +131,10 @@ def test_evaluate_counts_top1_and_top5():
         [0.0, 9, 8, 7, 6, 5, 4],   # label 6: neither
         [1.0, 2, 3, 4, 5, 6, 7],   # label 3: top-5
     ])
-    metrics = evaluate(head, logits, torch.tensor([0, 5, 6, 3]), _SingleProcess())
-    assert metrics == {"top1": 25.0, "top5": 75.0, "num_samples": 4}
+    accuracy = evaluate(head, logits, torch.tensor([0, 5, 6, 3]), 7, _SingleProcess(), batch_size=3)
+    assert accuracy.result(_SingleProcess()) == {"top1": 25.0, "top5": 75.0, "num_samples": 4}
+    confusion = accuracy.confusion_matrix(_SingleProcess())
+    assert confusion[5, 1] == 1 and confusion[0, 0] == 1 and int(confusion.sum()) == 4
 
 
 def test_linear_probe_end_to_end_writes_metrics(pretrained_run, tiny_shards, tmp_path, single_thread):
@@ -141,7 +143,8 @@ def test_linear_probe_end_to_end_writes_metrics(pretrained_run, tiny_shards, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_samples"] == 16 and metrics["num_train"] == 64
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
-    assert metrics["feature_dim"] == 32 and "MAE checkpoint" in metrics["encoder"]
+    assert metrics["feature_dim"] == 32 and "MAE checkpoint" in metrics["encoder"] and metrics["protocol"] == "mae"
+    assert (out / "confusion_matrix.png").is_file()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 3 * 64 // 16 and "accuracy" in log[-1]
     assert (out / "config.yaml").is_file()
