@@ -39,12 +39,9 @@ def load_clip_model(model_cfg: ZeroShotModelConfig, data: DataConfig, device) ->
     return model.to(device).eval(), name, clip_eval_transform(image_size, mean=data.mean, std=data.std)
 
 
-def evaluate_set(model: nn.Module, tokenizer, transform, shards: str, classes: str, templates: str,
-                 cfg: ZeroShotConfig, accelerator) -> tuple[dict[str, Any], list[str], torch.Tensor]:
-    """One labelled set: its classifier from `classes` x `templates`, then (metrics, class names, confusion
-    matrix [C, C])."""
-    names = class_names(classes, shards)
-    prompts = prompt_templates(templates)
+def evaluate_set(model: nn.Module, tokenizer, transform, shards: str, names: list[str], prompts: list[str],
+                 templates: str, cfg: ZeroShotConfig, accelerator) -> tuple[dict[str, Any], torch.Tensor]:
+    """One labelled set: its classifier from the class names x prompts, then (metrics, confusion matrix [C, C])."""
     classifier = zero_shot_weights(model, tokenizer, names, prompts, accelerator.device)
     metrics = evaluate_zero_shot(model, classifier, shards, transform, cfg.train.batch_size, cfg.data.num_workers,
                                  accelerator, cfg.data.max_skip_rate, confusion=True)
@@ -52,7 +49,7 @@ def evaluate_set(model: nn.Module, tokenizer, transform, shards: str, classes: s
     metrics["per_class_top1"] = dict(zip(names, metrics["per_class_top1"]))
     metrics["per_class_samples"] = dict(zip(names, metrics["per_class_samples"]))
     metrics.update(eval_shards=str(shards), num_classes=len(names), num_templates=len(prompts), templates=templates)
-    return metrics, names, confusion
+    return metrics, confusion
 
 
 def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
@@ -63,13 +60,25 @@ def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
     # only evaluation shards are read: data.val alone ("embedded": the bundled validation split), or the sets'
     run = setup_run(cfg, train_data=False)
     accelerator, output_dir = run.accelerator, run.output_dir
+    # every set's class names and prompts are checked before the model is loaded
+    if cfg.sets:
+        sets = []
+        for entry in cfg.sets:
+            _, shards = resolve_shards(replace(cfg.data, val=entry.shards), output_dir, accelerator, read_train=False)
+            templates = entry.templates or cfg.templates
+            sets.append((entry.name, shards, class_names(entry.classes, shards), prompt_templates(templates),
+                         templates))
+    else:
+        sets = [(None, run.val_shards, class_names(cfg.classes, run.val_shards), prompt_templates(cfg.templates),
+                 cfg.templates)]
     model, name, transform = load_clip_model(cfg.model, cfg.data, accelerator.device)
     tokenizer = tokenizer_for(name)
     described = dict(model=str(cfg.model.checkpoint), open_clip_config=name)
 
     if not cfg.sets:
-        metrics, names, confusion = evaluate_set(model, tokenizer, transform, run.val_shards, cfg.classes,
-                                                 cfg.templates, cfg, accelerator)
+        _, shards, names, prompts, templates = sets[0]
+        metrics, confusion = evaluate_set(model, tokenizer, transform, shards, names, prompts, templates, cfg,
+                                          accelerator)
         metrics.update(described, config=to_dict(cfg))
         if accelerator.is_main_process:
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -80,13 +89,12 @@ def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
         return metrics
 
     rows, pngs = {}, []
-    for entry in cfg.sets:
-        _, shards = resolve_shards(replace(cfg.data, val=entry.shards), output_dir, accelerator, read_train=False)
-        rows[entry.name], names, confusion = evaluate_set(model, tokenizer, transform, shards, entry.classes,
-                                                          entry.templates or cfg.templates, cfg, accelerator)
+    for set_name, shards, names, prompts, templates in sets:
+        rows[set_name], confusion = evaluate_set(model, tokenizer, transform, shards, names, prompts, templates, cfg,
+                                                 accelerator)
         if accelerator.is_main_process:
-            pngs.append(save_confusion_matrix(confusion, names, output_dir / f"confusion_matrix_{entry.name}.png",
-                                              f"zero-shot {entry.name}, {name}"))
+            pngs.append(save_confusion_matrix(confusion, names, output_dir / f"confusion_matrix_{set_name}.png",
+                                              f"zero-shot {set_name}, {name}"))
     # each set counts once, whatever its size (as benchmark suites average their data sets)
     mean_top1 = sum(row["top1"] for row in rows.values()) / len(rows)
     mean_top5 = sum(row["top5"] for row in rows.values()) / len(rows)
