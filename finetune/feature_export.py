@@ -33,10 +33,11 @@ from torch import nn
 
 from data import DataError, eval_transform, read_class_names
 from pretrain.config import ConfigError
+from pretrain.features import iter_features
 from pretrain.run import setup_run
 
 from .config import FeatureExportConfig
-from .features import feature_encoder, iter_features
+from .features import feature_encoder
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,12 @@ import torch
 
 from data import DataError, eval_transform, read_class_names
 from pretrain.config import ConfigError
+from pretrain.features import extract_features
 from pretrain.metrics import class_count, gather_rows
 from pretrain.run import Run, setup_run
 
 from .feature_export import read_feature_files, read_feature_index
-from .features import extract_features, feature_encoder
+from .features import feature_encoder
 
 
 @dataclass
@@ -34,6 +35,11 @@ class FeatureSet:
     source: str  # the shards or the feature folder
     from_files: bool = False
     classes: Optional[list[str]] = None  # feature files: the class names their index recorded
+
+    @property
+    def described(self) -> str:
+        """What these features are, for logs and pictures: "raw pixels", "avg features of MAE checkpoint ..."."""
+        return self.encoder if self.kind == self.encoder else f"{self.kind} features of {self.encoder}"
 
     def rows(self, index: torch.Tensor | slice) -> "FeatureSet":
         """The rows `index` (a slice, or a tensor of row numbers), provenance kept."""

@@ -1,4 +1,5 @@
-"""Frozen features of an encoder: what the linear probe trains on, what k-NN looks up, what feature export writes.
+"""Which frozen features of an encoder the linear probe trains on, k-NN looks up and feature export writes (their
+extraction over shards is pretrain/features.py's).
 
 `feature_encoder(cfg, image_size, feature)` maps images [B, 3, H, W] to features [B, D]. The encoder comes from
 `pretrain.encoders.build_encoder` (every checkpoint it accepts) or is the raw pixels (`encoder.source=pixels`);
@@ -19,15 +20,14 @@ Each feature module carries `kind`, a short description for logs, metrics.json a
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from data import ShardStream, count_samples
-from data import make_loader as make_data_loader
 from pretrain.config import ConfigError, EncoderConfig
 from pretrain.encoders import build_encoder
+from pretrain.features import PooledFeatures, pool_type
 
 from .config import FeatureConfig
 
@@ -39,18 +39,6 @@ class PixelFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return images.flatten(1)
-
-
-class PooledFeatures(nn.Module):
-    """A timm model's pooled features before any head (`forward_head(..., pre_logits=True)`). [B, 3, H, W] -> [B, D]"""
-
-    def __init__(self, model: nn.Module, kind: Optional[str] = None):
-        super().__init__()
-        self.model = model
-        self.kind = kind or f"pooled ({pool_type(model) or type(model).__name__})"
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
 
 class TokenFeatures(nn.Module):
@@ -72,12 +60,6 @@ class TokenFeatures(nn.Module):
         if self.avg:
             parts.append(outputs[-1][0].mean(dim=1))
         return torch.cat(parts, dim=1)
-
-
-def pool_type(model: nn.Module) -> Optional[str]:
-    """How a timm model pools for its head: "token", "avg", "max", "" ... (ViT, Swin: a string; CNNs: a module)."""
-    pool = getattr(model, "global_pool", None)
-    return pool if isinstance(pool, str) or pool is None else getattr(pool, "pool_type", None)
 
 
 def feature_module(model: nn.Module, feature: Optional[FeatureConfig] = None) -> nn.Module:
@@ -120,37 +102,3 @@ def feature_encoder(cfg: EncoderConfig, image_size: int, feature: Optional[Featu
         return PixelFeatures().eval(), "raw pixels"
     encoder = build_encoder(cfg, image_size)
     return feature_module(encoder.model, feature), encoder.description
-
-
-@torch.no_grad()
-def iter_features(encoder: nn.Module, shards: str, transform, batch_size: int, num_workers: int, accelerator,
-                    description: str, max_skip_rate: float = 0.5, kind="labelled", progress: bool = True
-                    ) -> Iterator[dict]:
-    """This process's share of the shards, every sample once across processes, as batches: the stream's batch
-    (kind "labelled": "label", "key"; "image-text": "caption", "key"; ...) with "image" replaced by
-    "features" [B, D] float32 on the CPU. A progress bar on the main process."""
-    from tqdm.auto import tqdm
-
-    stream = ShardStream(shards, transform, batch_size, train=False, kind=kind, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, max_skip_rate=max_skip_rate)
-    total = -(-count_samples(shards) // (batch_size * accelerator.num_processes))
-    for batch in tqdm(make_data_loader(stream, num_workers), total=total, desc=description, unit="batch",
-                      disable=not (progress and accelerator.is_main_process), dynamic_ncols=True):
-        images = batch.pop("image")
-        with accelerator.autocast():
-            batch["features"] = encoder(images.to(accelerator.device)).float().cpu()
-        yield batch
-
-
-def extract_features(encoder: nn.Module, shards: str, transform, batch_size: int, num_workers: int,
-                     accelerator, description: str, max_skip_rate: float = 0.5, progress: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """This process's share of labelled shards, every sample once -> (features [N, D], labels [N]) on the CPU and
-    the N sample keys."""
-    features, labels, keys = [], [], []
-    for batch in iter_features(encoder, shards, transform, batch_size, num_workers, accelerator, description,
-                                 max_skip_rate, progress=progress):
-        features.append(batch["features"])
-        labels.append(batch["label"])
-        keys.extend(batch["key"])
-    return torch.cat(features), torch.cat(labels), keys

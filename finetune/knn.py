@@ -6,7 +6,7 @@ chunk by chunk: a chunk's cosine similarities with the bank [chunk, N_train] are
 k nearest neighbours each vote for their class with weight exp(similarity / T) (T = 0.07); classes are ranked by
 their summed votes. A class nobody voted for is never a prediction (DINO's sort would rank such classes in an
 arbitrary order after the voted ones). Top-1 / top-5 counts are summed over processes, so one process and many
-give the same metrics.
+give the same metrics. confusion_matrix.png draws the top-1 predictions of the largest k.
 
     python -m finetune --config configs/knn_mae_tiny_demo.yaml      # -> runs/knn_demo/metrics.json
 
@@ -19,9 +19,10 @@ import logging
 from typing import Any
 
 from pretrain.metrics import knn_accuracy
+from pretrain.visualize import save_confusion_matrix
 
 from .config import KNNConfig
-from .feature_sets import load_feature_sets, setup_feature_run
+from .feature_sets import class_names, load_feature_sets, setup_feature_run
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
     accuracies = knn_accuracy(val.features, val.labels, train.features, train.labels, cfg.k, cfg.temperature,
                               num_classes, cfg.chunk_size, accelerator.device)
     results = {k: accuracies[k].result(accelerator) for k in cfg.k}
+    drawn_k = max(cfg.k)
+    confusion = accuracies[drawn_k].confusion_matrix(accelerator)  # every process takes part in the reduction
     metrics: dict[str, Any] = {
         "k": {str(k): {"top1": r["top1"], "top5": r["top5"]} for k, r in results.items()},
         "temperature": cfg.temperature, "num_train": len(train.features), "num_test": results[cfg.k[0]]["num_samples"],
@@ -43,8 +46,12 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
     }
     if accelerator.is_main_process:
         (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        picture = save_confusion_matrix(confusion, class_names(train, num_classes),
+                                        run.output_dir / "confusion_matrix.png",
+                                        f"k-NN (k={drawn_k}), {train.described}")
         summary = ", ".join(f"k={k} {r['top1']:.2f}% / {r['top5']:.2f}%" for k, r in results.items())
-        log.info("k-NN on features %s of %s, top-1 / top-5 of %d images against %d: %s; metrics in %s", train.kind,
-                 train.encoder, metrics["num_test"], metrics["num_train"], summary, run.output_dir / "metrics.json")
+        log.info("k-NN on %s, top-1 / top-5 of %d images against %d: %s; metrics.json, %s in %s",
+                 train.described, metrics["num_test"], metrics["num_train"], summary, picture.name,
+                 run.output_dir)
     return metrics
 

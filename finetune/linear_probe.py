@@ -86,7 +86,7 @@ def run_linear_probe(cfg: LinearProbeConfig) -> dict[str, Any]:
     train, val, num_classes = load_feature_sets(cfg, run, cfg.feature_batch_size, whole_train=cfg.protocol == "lbfgs")
     num_train = len(train.features) if cfg.protocol == "lbfgs" else int(accelerator.reduce(
         torch.tensor(float(len(train.features)), device=accelerator.device), reduction="sum").item())
-    described = train.encoder if train.kind == train.encoder else f"{train.kind} features of {train.encoder}"
+    described = train.described
     log.info("probing (%s protocol) %s: %d training and %d evaluation features of dimension %d, %d classes",
              cfg.protocol, described, num_train, len(val.features), train.features.shape[1], num_classes)
 

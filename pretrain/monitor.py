@@ -28,11 +28,9 @@ from torch import nn
 
 from data import (
     DataError,
-    ShardStream,
     clip_eval_transform,
     count_samples,
     eval_transform,
-    make_loader,
     read_class_names,
     read_matching_class_names,
     read_shard_stats,
@@ -43,6 +41,7 @@ from .clip_eval import class_names, evaluate_zero_shot, prompt_templates, retrie
 from .config import CLIPPretrainConfig, ConfigError, MAEPretrainConfig, MonitorConfig
 from .encoders import encoder_of
 from .evaluation import Evaluator, Measure
+from .features import PooledFeatures, extract_features
 from .metrics import gather_rows, knn_accuracy
 from .run import Run
 
@@ -71,11 +70,13 @@ def knn_monitor(cfg: MAEPretrainConfig, run: Run) -> Optional[Evaluator]:
                                std=cfg.data.std)
 
     def features(encoder: nn.Module, spec: str, max_images: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-        return labelled_features(encoder, spec, transform, cfg.train.batch_size, cfg.data.num_workers, accelerator,
-                                 max_images, cfg.data.max_skip_rate)
+        features, labels, _ = extract_features(encoder, spec, transform, cfg.train.batch_size, cfg.data.num_workers,
+                                               accelerator, "k-NN monitor", cfg.data.max_skip_rate, progress=False,
+                                               max_samples=max_images)
+        return features, labels
 
     def measure(model: nn.Module, accelerator) -> dict[str, Any]:
-        encoder = encoder_of(model, cfg.data.image_size).to(accelerator.device)
+        encoder = PooledFeatures(encoder_of(model, cfg.data.image_size)).to(accelerator.device)
         bank_features, bank_labels = features(encoder, bank, monitor.max_bank_images, accelerator)
         bank_features, bank_labels = gather_rows(bank_features, accelerator), gather_rows(bank_labels, accelerator)
         eval_features, eval_labels = features(encoder, shards, monitor.max_images, accelerator)  # this process's
@@ -155,30 +156,3 @@ def _evaluator(monitor: MonitorConfig, run: Run, measure: Measure, key: str, sum
     """The one evaluator, told to keep no weights; `key` picks metrics.json's best evaluation."""
     return Evaluator(run.output_dir, measure, key=key, every=monitor.every_epochs or 1,
                      every_steps=monitor.every_steps, keep_weights=False, summary=summary, resume=bool(resume))
-
-
-@torch.no_grad()
-def labelled_features(encoder: nn.Module, shards: str, transform, batch_size: int, num_workers: int, accelerator,
-                      max_images: int, max_skip_rate: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of the first `max_images` images of labelled shards (ceil(max_images / processes) at
-    most) -> (pooled features [n, D] float32, labels [n]) on the CPU. `encoder`: a timm model without a head, whose
-    `forward_head(forward_features(x), pre_logits=True)` are the features."""
-    stream = ShardStream(shards, transform, batch_size, train=False, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, max_skip_rate=max_skip_rate)
-    limit = -(-max_images // accelerator.num_processes)
-    features, labels = [torch.zeros(0, encoder.num_features)], [torch.zeros(0, dtype=torch.long)]
-    seen = 0
-    batches = iter(make_loader(stream, num_workers))
-    try:
-        for batch in batches:
-            images, batch_labels = batch["image"][:limit - seen], batch["label"][:limit - seen]
-            with accelerator.autocast():
-                pooled = encoder.forward_head(encoder.forward_features(images.to(accelerator.device)), pre_logits=True)
-            features.append(pooled.float().cpu())
-            labels.append(batch_labels)
-            seen += len(batch_labels)
-            if seen >= limit:
-                break
-    finally:
-        batches.close()  # stops the workers of a stream left unfinished
-    return torch.cat(features), torch.cat(labels)

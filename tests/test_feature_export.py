@@ -14,7 +14,8 @@ from data import ShardStream, eval_transform
 from finetune.cli import main as finetune_main
 from finetune.config import FeatureConfig
 from finetune.feature_export import read_feature_files, read_feature_index
-from finetune.features import extract_features, feature_encoder
+from finetune.features import feature_encoder
+from pretrain.features import extract_features
 from pretrain.config import EncoderConfig
 
 from test_knn import knn_argv, micro_checkpoint, torchrun_finetune

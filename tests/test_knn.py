@@ -193,16 +193,17 @@ def knn_argv(out, tiny_shards, *overrides):
 def one_process_knn(tmp_path_factory, tiny_shards, vit_checkpoint, single_thread):
     out = tmp_path_factory.mktemp("knn") / "run"
     assert finetune_main(knn_argv(out, tiny_shards, f"encoder.checkpoint={vit_checkpoint}", "chunk_size=5")) == 0
-    return json.loads((out / "metrics.json").read_text())
+    return out
 
 
 def test_knn_task_writes_metrics(one_process_knn):
-    metrics = one_process_knn
+    metrics = json.loads((one_process_knn / "metrics.json").read_text())
     assert sorted(metrics["k"]) == ["10", "20", "5"]
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in metrics["k"].values())
     assert metrics["num_train"] == 64 and metrics["num_test"] == 16 and metrics["num_classes"] == 10
     assert metrics["feature_dim"] == 32 and metrics["temperature"] == 0.07
     assert "MAE checkpoint" in metrics["encoder"] and metrics["feature"] == "pooled (token)"
+    assert (one_process_knn / "confusion_matrix.png").stat().st_size > 0
 
 
 def test_knn_task_with_k_above_the_bank_is_one_clear_error(tiny_shards, tmp_path, capsys, single_thread):
@@ -217,4 +218,5 @@ def test_two_process_knn_equals_one_process(one_process_knn, tiny_shards, vit_ch
     out = tmp_path / "knn2"
     torchrun_finetune(*knn_argv(out, tiny_shards, f"encoder.checkpoint={vit_checkpoint}", "chunk_size=3",
                                    "train.batch_size=8"))
-    assert json.loads((out / "metrics.json").read_text()) == one_process_knn
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((one_process_knn / "metrics.json").read_text())
+    assert (out / "confusion_matrix.png").stat().st_size > 0  # counts summed over both processes
