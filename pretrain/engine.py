@@ -162,6 +162,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float, layer_decay
     """timm's optimizer factory: weight decay skips 1-D params (norms, biases) and `model.no_weight_decay()`.
     `param_group_fn(model)`: the parameter groups instead (timm's hook; a group's "lr_scale" scales its lr under
     the scheduler, e.g. DETR's lower backbone lr; groups without "weight_decay" get optim.weight_decay).
+    LARS adapts weight matrices by the trust ratio as MAE's does (`lars_param_groups`).
     AdamW is torch's fused kernel: one pass over each parameter, where torch's default on CPU loops over the tensors
     op by op (ViT-B on 2 cores: 0.10 instead of 0.45 s an update; docs/benchmarks.md, "MAE training speed")."""
     from timm.optim import create_optimizer_v2
@@ -172,10 +173,26 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float, layer_decay
         kwargs["fused"] = True
     else:
         kwargs["momentum"] = optim.momentum
+    if optim.name == "lars" and param_group_fn is None and layer_decay is None:
+        param_group_fn = partial(lars_param_groups, weight_decay=optim.weight_decay)
     return create_optimizer_v2(
         model, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, layer_decay=layer_decay,
         param_group_fn=param_group_fn, **kwargs
     )
+
+
+def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """LARS as MAE's util/lars.py (the linear probe's optimizer): weight matrices (ndim > 1) get weight decay and the
+    layer-wise trust ratio (update scaled by trust_coeff x ||w|| / ||grad||) even when weight decay is 0; biases,
+    norms and `no_weight_decay()` parameters neither, a plain SGD step. timm's Lars adapts only when weight decay is
+    set (or `always_adapt`), so with MAE's weight decay 0 it would be SGD with momentum."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    adapted = [p for name, p in trained if p.ndim > 1 and name not in skip]
+    plain = [p for name, p in trained if not (p.ndim > 1 and name not in skip)]
+    groups = [{"params": adapted, "weight_decay": weight_decay, "always_adapt": True},
+              {"params": plain, "weight_decay": 0.0, "always_adapt": False}]
+    return [group for group in groups if group["params"]]
 
 
 def compile_for_training(model: nn.Module) -> nn.Module:

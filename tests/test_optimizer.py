@@ -1,4 +1,5 @@
-"""The optimizer the engine builds: weight decay only on weight matrices, never on norms, biases or tokens."""
+"""The optimizer the engine builds: weight decay only on weight matrices, never on norms, biases or tokens; LARS as
+MAE's util/lars.py."""
 from __future__ import annotations
 
 from pretrain.config import OptimConfig
@@ -30,3 +31,22 @@ def test_lars_for_the_probe():
     optimizer = build_optimizer(head, OptimConfig(name="lars", weight_decay=0.0, momentum=0.9), lr=0.1)
     assert type(optimizer).__name__ == "Lars"
     assert all(g["momentum"] == 0.9 for g in optimizer.param_groups)
+
+
+def test_lars_steps_as_maes_lars_weight_matrices_by_trust_ratio_biases_plain():
+    """MAE's util/lars.py: for a weight matrix, dp = grad + wd * w scaled by 0.001 * ||w|| / ||dp|| (also at weight
+    decay 0, the linear probe's setting); a bias takes the plain step. The first momentum step is the step itself."""
+    import torch
+
+    for weight_decay in (0.0, 0.05):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(8, 3)
+        weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
+        head.weight.grad, head.bias.grad = torch.randn(3, 8), torch.randn(3)
+        optimizer = build_optimizer(head, OptimConfig(name="lars", weight_decay=weight_decay, momentum=0.9), lr=0.1)
+        optimizer.step()
+
+        update = head.weight.grad + weight_decay * weight
+        expected_weight = weight - 0.1 * 0.001 * weight.norm() / update.norm() * update
+        torch.testing.assert_close(head.weight.detach(), expected_weight)
+        torch.testing.assert_close(head.bias.detach(), bias - 0.1 * head.bias.grad)

@@ -1,0 +1,96 @@
+"""The MAE-protocol linear probe's learning rate, chosen without the evaluation data: the training features of an
+export (`python -m finetune task=features`, e.g. the folders benchmarks/linear_probe.py writes) are split as the
+L-BFGS probe splits them for its C sweep (sorted by sample key, 10% held out, seed 0: finetune.logistic's
+validation_split), and configs/linprobe_fmnist.yaml (LARS, BatchNorm + Linear) is trained on the fit part at each
+base lr and measured on the held-out part. The held-out validation shards are never read.
+
+    python benchmarks/probe_lr.py --features runs/bench_fmnist/features/pixels --lrs 0.01,0.03,0.1,0.3,1 \\
+        --json runs/bench_fmnist/probe_lr_pixels.json
+
+Each lr's run is kept in WORK_DIR/lr_<lr>/ (default: FEATURES/lr_sweep) and its metrics.json reused on a rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from finetune.cli import main as finetune_main  # noqa: E402
+from finetune.feature_export import INDEX_FILE, FeatureWriter, read_feature_files, read_feature_index  # noqa: E402
+from finetune.logistic import validation_split  # noqa: E402
+
+from fmnist_steps import run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+
+
+def write_split(features: Path, out: Path, val_fraction: float, seed: int) -> tuple[Path, Path]:
+    """features/train split into out/fit and out/holdout (feature folders), unless written earlier."""
+    fit_dir, holdout_dir = out / "fit", out / "holdout"
+    if (fit_dir / INDEX_FILE).is_file() and (holdout_dir / INDEX_FILE).is_file():
+        return fit_dir, holdout_dir
+    index = read_feature_index(features / "train")
+    rows, labels, keys = read_feature_files(features / "train")
+    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)  # as the L-BFGS probe
+    rows, labels, keys = rows[order], labels[order], [keys[i] for i in order.tolist()]
+    fit, holdout = validation_split(len(rows), val_fraction, seed)
+    for directory, part in ((fit_dir, fit), (holdout_dir, holdout)):
+        directory.mkdir(parents=True, exist_ok=True)
+        writer = FeatureWriter(directory, rank=0, chunk_size=10_000)
+        writer.add(rows[part], [keys[i] for i in part.tolist()], labels[part])
+        chunks = writer.close()
+        part_index = {**index, "count": len(part), "chunks": [{"file": c["file"], "rows": c["rows"]} for c in chunks],
+                      "dtype": "float32", "split_of": str(features / "train"), "skipped": {}}
+        (directory / INDEX_FILE).write_text(json.dumps(part_index, indent=2))
+    return fit_dir, holdout_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", required=True, help="a feature export folder with train/")
+    parser.add_argument("--lrs", default="0.003,0.01,0.03,0.1,0.3,1.0", help="comma list of optim.base_lr values")
+    parser.add_argument("--epochs", type=int, default=None, help="override the probe config's epochs")
+    parser.add_argument("--config", default=str(REPO / "configs/linprobe_fmnist.yaml"))
+    parser.add_argument("--work-dir", default=None, help="default: FEATURES/lr_sweep")
+    parser.add_argument("--json", help="also write the figures as JSON to this path")
+    args = parser.parse_args()
+    features = Path(args.features)
+    work = Path(args.work_dir) if args.work_dir else features / "lr_sweep"
+    fit_dir, holdout_dir = write_split(features, work, val_fraction=0.1, seed=0)
+
+    rows = []
+    for lr in [float(value) for value in args.lrs.split(",") if value.strip()]:
+        out = work / f"lr_{lr:g}"
+        metrics_file = out / "metrics.json"
+        overrides = [f"optim.base_lr={lr}"] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+        done = metrics_file.is_file() and (not args.epochs or json.loads(metrics_file.read_text())["epochs"] ==
+                                           args.epochs)
+        if not done:
+            run(f"probe base_lr={lr:g}", finetune_main, [
+                "--config", args.config, f"output_dir={out}", "train.overwrite=true", "logging.progress_bar=false",
+                f"train_features={fit_dir}", f"val_features={holdout_dir}", *overrides])
+        metrics = json.loads(metrics_file.read_text())
+        rows.append({"base_lr": lr, "epochs": metrics["epochs"], "top1": metrics["top1"], "top5": metrics["top5"],
+                     "final_train_loss": metrics["final_train_loss"], "num_fit": metrics["num_train"],
+                     "num_holdout": metrics["num_samples"]})
+
+    rows.sort(key=lambda row: row["base_lr"])
+    best = max(rows, key=lambda row: row["top1"])
+    print(f"\nMAE-protocol probe ({Path(args.config).name}) on {features}: fit {rows[0]['num_fit']}, "
+          f"held out {rows[0]['num_holdout']} of the training features\n")
+    print("| base lr | epochs | held-out top-1 (%) | final train loss |\n|---|---|---|---|")
+    for row in rows:
+        mark = " (best)" if row is best else ""
+        print(f"| {row['base_lr']:g}{mark} | {row['epochs']} | {row['top1']:.2f} | {row['final_train_loss']:.4f} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"features": str(features), "config": args.config, "rows": rows,
+                                               "best_base_lr": best["base_lr"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
