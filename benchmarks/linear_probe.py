@@ -13,7 +13,8 @@ redo its step):
 2. `python -m pretrain` trains MAE (configs/mae_vit_tiny_fmnist.yaml) on the training split; with --skip-pretrain
    an unfinished WORK_DIR/mae is left alone and the MAE rows are skipped.
 3. `python -m finetune task=features` writes each encoder's features once (WORK_DIR/features/NAME/{train,val}).
-4. `python -m finetune` probes them from those folders: configs/linprobe_fmnist.yaml (protocol mae),
+4. `python -m finetune` probes them from those folders: configs/linprobe_fmnist.yaml (protocol mae; its base lr
+   the best of a sweep on a 10% split of the training features, benchmarks/probe_lr.py),
    configs/linprobe_lbfgs_fmnist.yaml (protocol lbfgs), configs/knn_fmnist.yaml (k=20), each into
    WORK_DIR/<probe>_<features>/ (its metrics.json is reused on a rerun); then scikit-learn on the raw pixels.
 """
@@ -32,6 +33,7 @@ from finetune.cli import main as finetune_main  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
 from fmnist_steps import run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from probe_lr import LRS, sweep_base_lr  # noqa: E402
 
 # the probes: (name, config, overrides) -- each reads the features of one export below
 PROBES = [
@@ -153,21 +155,23 @@ def main() -> None:
                                                                   "feature.pool=cls"], PROBES)],
         "pixels": [("raw pixels", "pixels", ["encoder.source=pixels", "encoder.checkpoint=null"], PROBES)],
     }
-    # the MAE protocol's lr for raw pixels, chosen on a split of the training shards (configs/linprobe_fmnist.yaml)
-    mae_protocol_overrides = {"pixels": ["optim.base_lr=0.003"]}
     rows = []
     for encoder in encoders:
         for label, name, encoder_args, probes in feature_sets[encoder]:
             features = export(name, work / "features", export_data, encoder_args, seconds)
             for probe_label, kind, config, overrides in probes:
-                expect = {"epochs": args.probe_epochs} if kind == "mae" and args.probe_epochs else {}
-                overrides = [*overrides, *(f"train.{key}={value}" for key, value in expect.items()),
-                             *(mae_protocol_overrides.get(name, []) if kind == "mae" else [])]
+                expect, lr_sweep = {}, None
+                if kind == "mae":  # its base lr: the best of a sweep on a split of the training features
+                    base_lr, lr_sweep = sweep_base_lr(features, LRS, config, epochs=args.probe_epochs)
+                    expect = {"base_lr": base_lr, **({"epochs": args.probe_epochs} if args.probe_epochs else {})}
+                overrides = [*overrides, *(f"{'optim' if key == 'base_lr' else 'train'}.{key}={value}"
+                                           for key, value in expect.items())]
                 metrics = probe(f"{probe_label}: {label}", config, work / f"{kind}_{name}", features, overrides,
                                 expect, seconds)
                 result = metrics["k"]["20"] if kind == "knn" else metrics
                 rows.append({"features": label, "probe": probe_label, "dim": metrics["feature_dim"],
                              "top1": result["top1"], "top5": result["top5"], "C": metrics.get("C"),
+                             "base_lr": metrics.get("base_lr"), "lr_sweep": lr_sweep,
                              "val_images": metrics.get("num_samples", metrics.get("num_test")),
                              "train_images": metrics["num_train"]})
             if encoder == "pixels":
@@ -187,16 +191,30 @@ def main() -> None:
     }
     if mae_done or (mae_dir / "reconstructions.png").is_file():
         mae_log = [json.loads(line) for line in (mae_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-        result["mae"] = {"config": "configs/mae_vit_tiny_fmnist.yaml", "steps": mae_log[-1]["step"],
-                         "final_loss": mae_log[-1]["loss"]}
+        last_loss = next(line for line in reversed(mae_log) if "loss" in line)
+        result["mae"] = {"config": "configs/mae_vit_tiny_fmnist.yaml", "steps": last_loss["step"],
+                         "final_loss": last_loss["loss"],
+                         "knn_top1": [(line["step"], line["eval/knn_top1"]) for line in mae_log
+                                      if "eval/knn_top1" in line]}
     print("\n| features | probe | dim | top-1 (%) | top-5 (%) |\n|---|---|---|---|---|")
     for row in rows:
-        probe_label = row["probe"] + (f", C={row['C']:.3g}" if row["C"] is not None else "")
+        probe_label = row["probe"] + (f", C={row['C']:.3g}" if row["C"] is not None else "") + \
+            (f", base lr {row['base_lr']:g}" if row.get("base_lr") is not None else "")
         top5 = "" if row["top5"] is None else f"{row['top5']:.2f}"
         difference = f" ({row['top1_minus_ours']:+.2f} vs ours)" if "top1_minus_ours" in row else ""
         print(f"| {row['features']} | {probe_label} | {row['dim']} | {row['top1']:.2f}{difference} | {top5} |")
+    sweeps = [row for row in rows if row["lr_sweep"]]
+    if sweeps:
+        print("\nMAE-protocol base lr, held-out top-1 (%) on a 10% split of the training features "
+              "(benchmarks/probe_lr.py):\n")
+        print("| features | " + " | ".join(f"{entry['base_lr']:g}" for entry in sweeps[0]["lr_sweep"]) + " |")
+        print("|---|" + "---|" * len(sweeps[0]["lr_sweep"]))
+        for row in sweeps:
+            print(f"| {row['features']} | " + " | ".join(f"{entry['top1']:.2f}" for entry in row["lr_sweep"]) + " |")
     if result["mae"]:
-        print(f"\nMAE: {result['mae']['steps']} steps, final loss {result['mae']['final_loss']:.4f}")
+        knn = result["mae"]["knn_top1"]
+        print(f"\nMAE: {result['mae']['steps']} steps, final loss {result['mae']['final_loss']:.4f}; k-NN monitor "
+              f"(top-1 %, by step): {', '.join(f'{step}: {top1:.2f}' for step, top1 in knn)}")
     if rows:
         print(f"validation images: {rows[0]['val_images']}, training images: {rows[0]['train_images']}")
     if args.json:

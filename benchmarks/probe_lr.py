@@ -4,8 +4,9 @@ L-BFGS probe splits them for its C sweep (sorted by sample key, 10% held out, se
 validation_split), and configs/linprobe_fmnist.yaml (LARS, BatchNorm + Linear) is trained on the fit part at each
 base lr and measured on the held-out part. The held-out validation shards are never read.
 
-    python benchmarks/probe_lr.py --features runs/bench_fmnist/features/pixels --lrs 0.01,0.03,0.1,0.3,1 \\
-        --json runs/bench_fmnist/probe_lr_pixels.json
+    python benchmarks/probe_lr.py --features runs/bench_fmnist/features/pixels --json runs/bench_fmnist/lr_pixels.json
+
+benchmarks/linear_probe.py runs this sweep for each encoder's MAE-protocol row and probes with the best lr.
 
 Each lr's run is kept in WORK_DIR/lr_<lr>/ (default: FEATURES/lr_sweep) and its metrics.json reused on a rerun.
 """
@@ -26,6 +27,9 @@ from finetune.feature_export import INDEX_FILE, FeatureWriter, read_feature_file
 from finetune.logistic import validation_split  # noqa: E402
 
 from fmnist_steps import run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+
+DEFAULT_CONFIG = REPO / "configs/linprobe_fmnist.yaml"
+LRS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # LARS scales each step to 0.001 x lr x ||w||: wide, in half decades
 
 
 def write_split(features: Path, out: Path, val_fraction: float, seed: int) -> tuple[Path, Path]:
@@ -49,47 +53,53 @@ def write_split(features: Path, out: Path, val_fraction: float, seed: int) -> tu
     return fit_dir, holdout_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", required=True, help="a feature export folder with train/")
-    parser.add_argument("--lrs", default="0.003,0.01,0.03,0.1,0.3,1.0", help="comma list of optim.base_lr values")
-    parser.add_argument("--epochs", type=int, default=None, help="override the probe config's epochs")
-    parser.add_argument("--config", default=str(REPO / "configs/linprobe_fmnist.yaml"))
-    parser.add_argument("--work-dir", default=None, help="default: FEATURES/lr_sweep")
-    parser.add_argument("--json", help="also write the figures as JSON to this path")
-    args = parser.parse_args()
-    features = Path(args.features)
-    work = Path(args.work_dir) if args.work_dir else features / "lr_sweep"
+def sweep_base_lr(features: Path, lrs: list[float], config: str | Path = DEFAULT_CONFIG, work: Path | None = None,
+                  epochs: int | None = None) -> tuple[float, list[dict]]:
+    """The MAE-protocol probe of `config` at each base lr, fit on the training features' fit part, measured on
+    their held-out part -> (the best base lr, one row per lr in increasing order). Runs done earlier are reused."""
+    work = work or features / "lr_sweep"
     fit_dir, holdout_dir = write_split(features, work, val_fraction=0.1, seed=0)
-
     rows = []
-    for lr in [float(value) for value in args.lrs.split(",") if value.strip()]:
+    for lr in sorted(lrs):
         out = work / f"lr_{lr:g}"
         metrics_file = out / "metrics.json"
-        overrides = [f"optim.base_lr={lr}"] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
-        done = metrics_file.is_file() and (not args.epochs or json.loads(metrics_file.read_text())["epochs"] ==
-                                           args.epochs)
+        overrides = [f"optim.base_lr={lr}"] + ([f"train.epochs={epochs}"] if epochs else [])
+        done = metrics_file.is_file() and (not epochs or json.loads(metrics_file.read_text())["epochs"] == epochs)
         if not done:
-            run(f"probe base_lr={lr:g}", finetune_main, [
-                "--config", args.config, f"output_dir={out}", "train.overwrite=true", "logging.progress_bar=false",
+            run(f"probe {features.name}, base_lr={lr:g}", finetune_main, [
+                "--config", str(config), f"output_dir={out}", "train.overwrite=true", "logging.progress_bar=false",
                 f"train_features={fit_dir}", f"val_features={holdout_dir}", *overrides])
         metrics = json.loads(metrics_file.read_text())
         rows.append({"base_lr": lr, "epochs": metrics["epochs"], "top1": metrics["top1"], "top5": metrics["top5"],
                      "final_train_loss": metrics["final_train_loss"], "num_fit": metrics["num_train"],
                      "num_holdout": metrics["num_samples"]})
+    best = max(rows, key=lambda row: row["top1"])  # the smaller lr on a tie
+    return best["base_lr"], rows
 
-    rows.sort(key=lambda row: row["base_lr"])
-    best = max(rows, key=lambda row: row["top1"])
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", required=True, help="a feature export folder with train/")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS), help="comma list of optim.base_lr values")
+    parser.add_argument("--epochs", type=int, default=None, help="override the probe config's epochs")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--work-dir", default=None, help="default: FEATURES/lr_sweep")
+    parser.add_argument("--json", help="also write the figures as JSON to this path")
+    args = parser.parse_args()
+    features = Path(args.features)
+    lrs = [float(value) for value in args.lrs.split(",") if value.strip()]
+    best, rows = sweep_base_lr(features, lrs, args.config, Path(args.work_dir) if args.work_dir else None,
+                               args.epochs)
     print(f"\nMAE-protocol probe ({Path(args.config).name}) on {features}: fit {rows[0]['num_fit']}, "
           f"held out {rows[0]['num_holdout']} of the training features\n")
     print("| base lr | epochs | held-out top-1 (%) | final train loss |\n|---|---|---|---|")
     for row in rows:
-        mark = " (best)" if row is best else ""
+        mark = " (best)" if row["base_lr"] == best else ""
         print(f"| {row['base_lr']:g}{mark} | {row['epochs']} | {row['top1']:.2f} | {row['final_train_loss']:.4f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"features": str(features), "config": args.config, "rows": rows,
-                                               "best_base_lr": best["base_lr"]}, indent=2))
+                                               "best_base_lr": best}, indent=2))
 
 
 if __name__ == "__main__":

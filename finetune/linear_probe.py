@@ -125,7 +125,8 @@ def mae_probe(cfg: LinearProbeConfig, run, train: FeatureSet, num_train: int, nu
     )
     summary = trainer.fit()
     return trainer.unwrapped_model.eval(), {"epochs": cfg.train.epochs, "steps": summary["step"],
-                                            "final_train_loss": summary.get("loss")}
+                                            "optimizer": cfg.optim.name, "base_lr": cfg.optim.base_lr,
+                                            "lr": trainer.schedule.lr, "final_train_loss": summary.get("loss")}
 
 
 def lbfgs_probe(cfg: LinearProbeConfig, train: FeatureSet, num_classes: int, accelerator
