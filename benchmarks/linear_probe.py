@@ -163,9 +163,11 @@ def main() -> None:
                 expect, lr_sweep = {}, None
                 if kind == "mae":  # its base lr: the best of a sweep on a split of the training features
                     base_lr, lr_sweep = sweep_base_lr(features, LRS, config, epochs=args.probe_epochs)
-                    expect = {"base_lr": base_lr, **({"epochs": args.probe_epochs} if args.probe_epochs else {})}
-                overrides = [*overrides, *(f"{'optim' if key == 'base_lr' else 'train'}.{key}={value}"
-                                           for key, value in expect.items())]
+                    expect = {"base_lr": base_lr}
+                    overrides = [*overrides, f"optim.base_lr={base_lr}"]
+                    if args.probe_epochs:
+                        expect["epochs"] = args.probe_epochs
+                        overrides.append(f"train.epochs={args.probe_epochs}")
                 metrics = probe(f"{probe_label}: {label}", config, work / f"{kind}_{name}", features, overrides,
                                 expect, seconds)
                 result = metrics["k"]["20"] if kind == "knn" else metrics

@@ -20,10 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
 from finetune.cli import main as finetune_main  # noqa: E402
 from finetune.feature_export import INDEX_FILE, FeatureWriter, read_feature_files, read_feature_index  # noqa: E402
+from finetune.feature_sets import FeatureSet  # noqa: E402
 from finetune.logistic import validation_split  # noqa: E402
 
 from fmnist_steps import run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
@@ -38,14 +37,13 @@ def write_split(features: Path, out: Path, val_fraction: float, seed: int) -> tu
     if (fit_dir / INDEX_FILE).is_file() and (holdout_dir / INDEX_FILE).is_file():
         return fit_dir, holdout_dir
     index = read_feature_index(features / "train")
-    rows, labels, keys = read_feature_files(features / "train")
-    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)  # as the L-BFGS probe
-    rows, labels, keys = rows[order], labels[order], [keys[i] for i in order.tolist()]
-    fit, holdout = validation_split(len(rows), val_fraction, seed)
-    for directory, part in ((fit_dir, fit), (holdout_dir, holdout)):
+    train = FeatureSet(*read_feature_files(features / "train"), encoder=index["encoder"], kind=index["feature"],
+                       source=str(features / "train")).sorted_by_key()  # the order the L-BFGS probe splits
+    for directory, part in zip((fit_dir, holdout_dir), validation_split(len(train.keys), val_fraction, seed)):
         directory.mkdir(parents=True, exist_ok=True)
         writer = FeatureWriter(directory, rank=0, chunk_size=10_000)
-        writer.add(rows[part], [keys[i] for i in part.tolist()], labels[part])
+        rows = train.rows(part)
+        writer.add(rows.features, rows.keys, rows.labels)
         chunks = writer.close()
         part_index = {**index, "count": len(part), "chunks": [{"file": c["file"], "rows": c["rows"]} for c in chunks],
                       "dtype": "float32", "split_of": str(features / "train"), "skipped": {}}
