@@ -65,7 +65,19 @@ def run_entry_point(body: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the process group a multi-process run set up, once every process is done with it. Left to the
+    interpreter's exit, gloo's worker threads are torn down in an arbitrary order and a finished run can still die
+    with SIGABRT ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 EXIT_GRACE_S = 30  # after a failure, the most the interpreter's own exit may take before the process is ended
