@@ -19,6 +19,8 @@ from .captions import caption_for, captioned_pairs
 from .embedded import (
     EMBEDDED_DIR,
     FASHION_MNIST_CLASSES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
     ensure_embedded_pair_shards,
     ensure_embedded_shards,
     read_embedded,
@@ -68,6 +70,8 @@ __all__ = [
     "DetectionSamples",
     "EMBEDDED_DIR",
     "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",

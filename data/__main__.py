@@ -129,8 +129,11 @@ def _summary(out: str, written: WrittenShards) -> str:
     elif "caption_words" in stats:
         what = f"captions of {stats['caption_words']['mean']:.1f} words on average, "
     dropped = "".join(f", dropped {reason}={n}" for reason, n in stats["dropped"].items())
+    pixels = ""
+    if "pixel_mean" in stats:  # what data.mean / data.std should be to train on these images from scratch
+        pixels = f", pixel mean {stats['pixel_mean']} std {stats['pixel_std']}"
     return (f"{name}: {stats['samples']} samples in {len(stats['shards'])} shard(s), "
-            f"{what}{stats['bytes'] / 1e6:.1f} MB, skipped: {skipped}{dropped}")
+            f"{what}{stats['bytes'] / 1e6:.1f} MB{pixels}, skipped: {skipped}{dropped}")
 
 
 def _source(args) -> str:

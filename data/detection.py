@@ -30,7 +30,7 @@ import webdataset
 from PIL import Image
 
 from .errors import DataError
-from .images import ImageOptions, SampleSkipped, decode_checked, decode_image, encode_for_shard
+from .images import ImageOptions, SampleSkipped, decode_checked, decode_image, encode_for_shard, pixel_moments
 from .sources import SizedIterable, _key_for, read_image_file
 from .writer import STATS_FILE, Prepared, ShardOptions, Tally, WrittenShards, write_shards
 
@@ -186,7 +186,8 @@ def _prepare_coco_image(entry: CocoImage, image_options: ImageOptions) -> Prepar
         "area": areas,
     }
     sample = {"__key__": entry.key, ext: image_bytes, "json": json.dumps(target, separators=(",", ":")).encode()}
-    return Prepared(entry.source, sample, dropped=dropped, info={"category_ids": target["category_ids"]})
+    return Prepared(entry.source, sample, dropped=dropped, info={"category_ids": target["category_ids"]},
+                    pixels=pixel_moments(image))
 
 
 class _BoxTally(Tally):

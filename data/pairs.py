@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 from PIL import Image
 
 from .errors import DataError
-from .images import ImageOptions, SampleSkipped, decode_checked, decode_image, encode_for_shard
+from .images import ImageOptions, SampleSkipped, decode_checked, decode_image, encode_for_shard, pixel_moments
 from .sources import (
     IMAGE_EXTENSIONS,
     SizedIterable,
@@ -114,7 +114,7 @@ def _prepare_pair(pair: ImageTextPair, image_options: ImageOptions) -> Prepared:
     image, ext = decode_checked(image_bytes, pair.image_path.suffix.lstrip("."), error)
     image_bytes, ext, _ = encode_for_shard(image, image_bytes, ext, image_options)
     return Prepared(pair.source, {"__key__": pair.key, ext: image_bytes, "txt": caption.encode("utf-8")},
-                    info={"caption": caption})
+                    info={"caption": caption}, pixels=pixel_moments(image))
 
 
 def _length_stats(values: list[int]) -> dict:

@@ -43,7 +43,7 @@ import webdataset
 from tqdm import tqdm
 
 from .errors import DataError
-from .images import ImageOptions, SampleSkipped, decode_checked, encode_for_shard
+from .images import ImageOptions, SampleSkipped, decode_checked, encode_for_shard, pixel_moments
 from .sources import LabelledImage
 
 STATS_FILE = "stats.json"
@@ -183,6 +183,7 @@ class Prepared:
     skipped: (reason, message) when the whole item is left out.
     dropped: (reason, message) for each part left out of a written sample (e.g. a detection box).
     info: facts about the sample for its kind's Tally (label, caption, ...).
+    pixels: the image's per-channel (mean, mean square), `pixel_moments`, for the shards' normalisation statistics.
     """
 
     source: str
@@ -190,6 +191,28 @@ class Prepared:
     skipped: tuple[str, str] | None = None
     dropped: list[tuple[str, str]] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    pixels: tuple[list[float], list[float]] | None = None
+
+
+class PixelTally:
+    """The normalisation statistics of the written images: per-channel mean and standard deviation over all of
+    them (each image weighted once), what `data.mean` / `data.std` should be for these shards."""
+
+    def __init__(self):
+        self.images, self.sums, self.square_sums = 0, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+
+    def add(self, pixels: tuple[list[float], list[float]]) -> None:
+        mean, mean_square = pixels
+        self.images += 1
+        self.sums = [total + value for total, value in zip(self.sums, mean)]
+        self.square_sums = [total + value for total, value in zip(self.square_sums, mean_square)]
+
+    def summary(self) -> dict:
+        if not self.images:
+            return {}
+        mean = [total / self.images for total in self.sums]
+        std = [max(square / self.images - m * m, 0.0) ** 0.5 for square, m in zip(self.square_sums, mean)]
+        return {"pixel_mean": [round(value, 4) for value in mean], "pixel_std": [round(value, 4) for value in std]}
 
 
 class Tally:
@@ -238,6 +261,7 @@ class _ShardSink:
         _make_directory(self.out_dir)
         (self.out_dir / INCOMPLETE_FILE).write_text(_marker_text())  # before the first shard, removed last
         self.writer = ShardWriter(self.out_dir, prefix, options.shard_size, options.max_bytes)
+        self.pixels = PixelTally()
         self.skipped, self.dropped = Counter(), Counter()
         self.skipped_examples: list[dict] = []
         self.dropped_examples: list[dict] = []
@@ -259,6 +283,8 @@ class _ShardSink:
             self._count(prepared.source, reason, message, self.dropped, self.dropped_examples, "dropping from")
         self.writer.write(prepared.sample)
         self.tally.add(prepared)
+        if prepared.pixels is not None:
+            self.pixels.add(prepared.pixels)
 
     def _write_atomically(self, name: str, text: str) -> None:
         temp = self.out_dir / f".{name}.tmp-{os.getpid()}"
@@ -273,6 +299,7 @@ class _ShardSink:
             "shard_counts": self.writer.shard_counts,
             "bytes": sum((self.out_dir / name).stat().st_size for name in self.writer.shards),
             **self.tally.summary(),
+            **self.pixels.summary(),
             "skipped": dict(self.skipped),
             "skipped_examples": self.skipped_examples,
             "dropped": dict(self.dropped),
@@ -417,7 +444,7 @@ def _prepare_labelled(sample: LabelledImage, num_classes: int, image_options: Im
     image, ext = decode_checked(sample.image_bytes, sample.ext, sample.error)
     image_bytes, ext, _ = encode_for_shard(image, sample.image_bytes, ext, image_options)
     return Prepared(sample.source, {"__key__": sample.key, ext: image_bytes, "cls": str(sample.label).encode()},
-                    info={"label": sample.label})
+                    info={"label": sample.label}, pixels=pixel_moments(image))
 
 
 class _ClassTally(Tally):

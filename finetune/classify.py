@@ -28,7 +28,7 @@ from data import ShardStream, eval_transform
 from data import make_loader as make_data_loader
 from data.transforms import ToNormalizedTensor, ToRGB
 from pretrain.config import ConfigError, DataConfig, EncoderConfig
-from pretrain.checkpoint import WEIGHTS_SUFFIXES
+from pretrain.checkpoint import WEIGHTS_SUFFIXES, normalisation_metadata
 from pretrain.encoders import CLASSIFIER_OBJECTIVE, SPEC_KEY, build_encoder, checkpoint_kind
 from pretrain.engine import Trainer
 from pretrain.evaluation import BEST_DIR, LAST_DIR, METRICS_FILE, Evaluator
@@ -251,7 +251,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         return evaluate(evaluated, run.val_shards, eval_images, cfg.eval_batch_size, cfg.data.num_workers, acc,
                         num_classes, cfg.data.max_skip_rate)
 
-    metadata = {"objective": CLASSIFIER_OBJECTIVE, SPEC_KEY: json.dumps(spec)}
+    metadata = {"objective": CLASSIFIER_OBJECTIVE, SPEC_KEY: json.dumps(spec),
+                **normalisation_metadata(cfg.data.mean, cfg.data.std)}  # best/ and last/ weights too
     summary = {"model": encoder.description, "classifier": type(model).__name__, "distillation": cfg.distillation.kind,
                "teacher": teacher_description, "num_classes": num_classes, "num_train": run.samples_per_epoch}
     evaluator = Evaluator(run.output_dir, measure, key="top1", weights_metadata=metadata, summary=summary,

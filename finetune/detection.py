@@ -26,7 +26,8 @@ from torch import nn
 from data import STATS_FILE, ShardStream, coco_ground_truth, detection_eval_transform, detection_train_transform
 from data import make_loader as make_data_loader
 from data import DataError, read_categories
-from pretrain.checkpoint import CheckpointError, load_state_dict_checked, read_weights, resolve_weights_file
+from pretrain.checkpoint import (CheckpointError, load_state_dict_checked, normalisation_metadata, read_weights,
+                                 resolve_weights_file)
 from pretrain.config import ConfigError, EncoderConfig
 from pretrain.encoders import build_encoder, create_timm_model
 from pretrain.engine import Schedule, Trainer
@@ -225,7 +226,8 @@ def run_detr(cfg: DetrConfig) -> dict[str, Any]:
         return coco_metrics(evaluated, run.val_shards, ground_truth, eval_images, cfg.eval_batch_size,
                             cfg.data.num_workers, acc, cfg.data.max_skip_rate)
 
-    metadata = {"objective": DETR_OBJECTIVE, SPEC_KEY: json.dumps(spec)}
+    metadata = {"objective": DETR_OBJECTIVE, SPEC_KEY: json.dumps(spec),
+                **normalisation_metadata(cfg.data.mean, cfg.data.std)}  # best/ and last/ weights too
     summary = {"model": description, "backbone": type(backbone.trunk).__name__, "backbone_stride": backbone.stride,
                "num_classes": num_classes, "categories": categories, "num_train": run.samples_per_epoch,
                "backbone_lr": cfg.backbone_lr, "lr": cfg.optim.lr}

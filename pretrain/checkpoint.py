@@ -222,6 +222,44 @@ def read_weights(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
     return tensors, {}
 
 
+# The normalisation statistics a model was trained with travel in its weights file's metadata (as timm's
+# pretrained_cfg and open_clip's preprocess_cfg carry them), so that whoever evaluates it feeds it the same inputs.
+NORMALISATION_KEYS = ("data_mean", "data_std")
+OPEN_CLIP_EXPORT_CONFIG = "open_clip_config.json"
+
+
+def normalisation_metadata(mean, std) -> dict[str, str]:
+    return {"data_mean": json.dumps([float(v) for v in mean]), "data_std": json.dumps([float(v) for v in std])}
+
+
+def recorded_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) the model at `path` (anything `resolve_weights_file` takes, or an open_clip export folder) was
+    trained with, as recorded by this project's checkpoints and exports; None when not recorded or not readable
+    (the loader reports a missing or damaged file itself)."""
+    path = Path(path)
+    try:
+        export_config = path / OPEN_CLIP_EXPORT_CONFIG
+        if export_config.is_file():
+            preprocess = json.loads(export_config.read_text()).get("preprocess_cfg", {})
+            mean, std = preprocess.get("mean"), preprocess.get("std")
+        else:
+            weights = resolve_weights_file(path)
+            if weights.suffix != ".safetensors":
+                return None
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                metadata = f.metadata() or {}
+            if not all(key in metadata for key in NORMALISATION_KEYS):
+                return None
+            mean, std = (json.loads(metadata[key]) for key in NORMALISATION_KEYS)
+    except Exception:  # missing, damaged or foreign: nothing recorded (the loader says what is wrong)
+        return None
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
+        return None
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
 def load_torch_file(path: str | Path) -> Any:
     """What a `.pth`/`.pt`/`.bin`/`.ckpt` file (or train_state.pt) holds, read with `torch.load(weights_only=True)`:
     tensors and plain containers only. A pickle that asks for anything else (a class, a function such as

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from data.embedded import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ConfigError(ValueError):
@@ -24,6 +26,7 @@ class ConfigError(ValueError):
 
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -37,7 +40,38 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: typi
         raw = read_yaml(path)
     for item in overrides:
         set_dotted(raw, *parse_override(item))
-    return build(schema, raw)
+    return with_encoder_normalisation(build(schema, raw), raw)
+
+
+def encoder_checkpoint(config: Any) -> Optional[str]:
+    """The checkpoint of ours a run evaluates or finetunes (`encoder.checkpoint`, zero-shot's `model.checkpoint`)."""
+    encoder, model = getattr(config, "encoder", None), getattr(config, "model", None)
+    if isinstance(encoder, EncoderConfig) and encoder.source in ("mae", "clip"):
+        return encoder.checkpoint
+    if model is not None and hasattr(model, "checkpoint") and getattr(model, "open_clip_config", None) is None:
+        return model.checkpoint
+    return None
+
+
+def with_encoder_normalisation(config: T, raw: dict[str, Any]) -> T:
+    """A run over an encoder of ours normalises its images as the encoder was trained (the statistics its weights
+    file records), unless the config sets `data.mean` / `data.std` itself; then a difference is warned about."""
+    checkpoint = encoder_checkpoint(config)
+    if checkpoint is None or not isinstance(getattr(config, "data", None), DataConfig):
+        return config
+    from .checkpoint import recorded_normalisation
+
+    recorded = recorded_normalisation(checkpoint)
+    if recorded is None:
+        return config
+    data, given = config.data, raw.get("data") or {}
+    if "mean" in given or "std" in given:
+        if any(abs(a - b) > 1e-3 for a, b in zip((*data.mean, *data.std), (*recorded[0], *recorded[1]))):
+            log.warning("data.mean %s / data.std %s differ from the statistics %s was trained with (%s / %s): its "
+                        "inputs will not look as they did in training", list(data.mean), list(data.std), checkpoint,
+                        list(recorded[0]), list(recorded[1]))
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(data, mean=recorded[0], std=recorded[1]))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -390,7 +424,8 @@ class MAEModelConfig:
 class MAEPretrainConfig:
     objective: Literal["mae"] = "mae"
     output_dir: str = "runs/mae_demo"
-    data: DataConfig = field(default_factory=DataConfig)
+    # the demo's embedded Fashion-MNIST, normalised by its own (grey) statistics; set data.mean/std for other data
+    data: DataConfig = field(default_factory=lambda: DataConfig(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD))
     model: MAEModelConfig = field(default_factory=MAEModelConfig)
     # the CPU demo's lr; the paper's 1.5e-4 (configs/mae_vit_base_imagenet.yaml) is for 800-epoch schedules
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=1e-3))
@@ -426,10 +461,10 @@ class CLIPModelConfig:
 class CLIPPretrainConfig:
     objective: Literal["clip"] = "clip"
     output_dir: str = "runs/clip_demo"
-    # image-text shards ("embedded": the bundled Fashion-MNIST images with captions made from their labels);
-    # open_clip's gentle crop and OpenAI's normalisation statistics
-    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.9, 1.0), mean=OPENAI_CLIP_MEAN,
-                                                                std=OPENAI_CLIP_STD))
+    # image-text shards ("embedded": the bundled Fashion-MNIST images with captions made from their labels, normalised
+    # by their own grey statistics; OpenAI's for web-scale data, configs/clip_vit_b16_laion.yaml); open_clip's crop
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=(0.9, 1.0), mean=FASHION_MNIST_MEAN,
+                                                                std=FASHION_MNIST_STD))
     model: CLIPModelConfig = field(default_factory=CLIPModelConfig)
     # open_clip's AdamW settings (beta2 0.98, wd 0.2, absolute lr rather than the MAE scaling rule)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98),

@@ -31,6 +31,7 @@ from .checkpoint import (
     find_latest,
     load_state_dict_checked,
     load_train_state,
+    normalisation_metadata,
     read_weights,
     resolve_resume,
     save_checkpoint,
@@ -286,7 +287,8 @@ class Trainer:
         return cls(model=model, task=task, make_loader=make_loader,
                    samples_per_epoch=samples_per_epoch or run.samples_per_epoch, train=cfg.train, optim=cfg.optim,
                    logging_cfg=cfg.logging, output_dir=run.output_dir, run_config=to_dict(cfg),
-                   model_metadata=model_metadata, accelerator=run.accelerator, **options)
+                   model_metadata={**model_metadata, **normalisation_metadata(cfg.data.mean, cfg.data.std)},
+                   accelerator=run.accelerator, **options)
 
     # ------------------------------------------------------------------------------------------------------------
     @property

@@ -25,6 +25,7 @@ from data import (
     eval_transform,
     expand_shards,
     make_loader,
+    read_shard_stats,
 )
 
 from .checkpoint import find_latest
@@ -115,7 +116,39 @@ def resolve_shards(data: DataConfig, output_dir: Path, accelerator, captions: bo
     for spec in (train, val):
         if spec is not None:
             expand_shards(spec)  # a missing shard or folder fails here, naming it
+    check_normalisation(data, train if train is not None else val)
     return train, val
+
+
+GREY_TOLERANCE = 0.01  # channel means closer than this: the images are grey
+FAR_MEAN = 0.15  # ImageNet's mean is within ~0.05 of most photo collections'; grey Fashion-MNIST's is 0.2 off
+
+
+def check_normalisation(data: DataConfig, spec: Optional[str]) -> None:
+    """Log the shards' own pixel statistics (stats.json, `python -m data`) beside `data.mean` / `data.std`, and
+    warn when grey images meet statistics that differ between channels (ImageNet's, the default): the three copies
+    of each pixel are then shifted apart, and reconstructions and other pictures come out tinted."""
+    if spec is None:
+        return
+    try:
+        stats = read_shard_stats(spec)
+    except DataError:
+        return  # no readable stats.json: nothing to compare with (its absence is reported where it matters)
+    mean, std = stats.get("pixel_mean"), stats.get("pixel_std")
+    if not mean or not std:
+        return
+    log.info("shards' pixel mean %s, std %s; normalised with data.mean %s, data.std %s", mean, std,
+             list(data.mean), list(data.std))
+    grey = max(mean) - min(mean) < GREY_TOLERANCE and max(std) - min(std) < GREY_TOLERANCE
+    if grey and (max(data.mean) - min(data.mean) >= GREY_TOLERANCE or max(data.std) - min(data.std) >= GREY_TOLERANCE):
+        m, s = sum(mean) / 3, sum(std) / 3
+        log.warning("the shards' images are grey (pixel mean %.3f, std %.3f in every channel) but data.mean %s / "
+                    "data.std %s differ between channels: each grey pixel is made a coloured one (reconstructions come out "
+                    "tinted); unless the encoder was pretrained with them, set data.mean=[%.3f,%.3f,%.3f] "
+                    "data.std=[%.3f,%.3f,%.3f]", m, s, list(data.mean), list(data.std), m, m, m, s, s, s)
+    elif max(abs(ours - theirs) for ours, theirs in zip(data.mean, mean)) > FAR_MEAN:
+        log.warning("data.mean %s is far from the shards' own pixel mean %s (std %s): right for an encoder pretrained "
+                    "with data.mean, else set data.mean / data.std to the shards' figures", list(data.mean), mean, std)
 
 
 def training_loader_factory(shards: str, transform, data: DataConfig, train: TrainConfig, kind: str = "labelled",

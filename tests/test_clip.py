@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_helpers import train_tiny_clip, write_tiny_clip_config
-from data import caption_for, expand_shards
+from data import FASHION_MNIST_MEAN, caption_for, expand_shards
 from data.captions import CAPTION_PHRASINGS, CLASS_NOUNS
 from pretrain.config import CLIPPretrainConfig, ConfigError, load_config
 from pretrain.models.clip import create_clip, load_clip, tokenizer_for
@@ -106,7 +106,7 @@ def test_clip_config_refuses_gradient_accumulation_and_keeps_its_own_defaults(tm
     config.write_text("objective: clip\ndata:\n  image_size: 32\noptim:\n  weight_decay: 0.1\n")
     cfg = load_config(CLIPPretrainConfig, str(config), [])
     # sections given in YAML keep the CLIP defaults of the keys they leave out
-    assert cfg.data.mean == open_clip.OPENAI_DATASET_MEAN and cfg.data.crop_scale == (0.9, 1.0)
+    assert cfg.data.mean == FASHION_MNIST_MEAN and cfg.data.crop_scale == (0.9, 1.0)  # the embedded demo data's
     assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.weight_decay == 0.1 and cfg.optim.lr == 1e-3
 
 
@@ -138,7 +138,7 @@ def test_checkpoint_and_export_reload_through_open_clip(clip_run, tiny_clip):
         assert torch.allclose(model.encode_image(images), expected[0], atol=1e-6)
         assert torch.allclose(model.encode_text(text), expected[1], atol=1e-6)
     exported_config = json.loads((clip_run / "open_clip" / "open_clip_config.json").read_text())
-    assert exported_config["preprocess_cfg"]["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
+    assert exported_config["preprocess_cfg"]["mean"] == list(FASHION_MNIST_MEAN)  # the run's own, carried along
 
 
 def test_prompt_ensemble_is_the_renormalised_mean_of_normalised_prompt_embeddings(tiny_clip):

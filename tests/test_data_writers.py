@@ -30,6 +30,7 @@ from data import (
     write_pair_shards,
 )
 from data.__main__ import main as data_cli
+from data.images import decode_image
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -437,3 +438,55 @@ def test_detection_image_of_another_size_than_annotated_is_skipped(tmp_path):
     assert stats["skipped"] == {"size_mismatch": 1} and stats["samples"] == 0
     assert "says 20x10, image is 10x10" in stats["skipped_examples"][0]["message"]
     assert coco_ground_truth(tmp_path / "out") == {"images": [], "annotations": [], "categories": categories}
+
+
+# ------------------------------------------------------------------------------------------------ pixel statistics
+
+
+def test_every_writer_records_the_normalisation_statistics_of_the_images_it_wrote(tmp_path, capsys):
+    """stats.json's pixel_mean / pixel_std: per channel, over every written image as readers decode it (each image
+    counting once); what `data.mean` / `data.std` are set to for training on these images from scratch."""
+    annotation_file, images_dir, _ = coco_data(tmp_path)
+    for i in range(6):
+        save_image(tmp_path / "folder" / "x" / f"{i:04d}.png", size=(12 + 4 * i, 8), seed=10 + i)  # sizes differ
+        (tmp_path / "folder" / "x" / f"{i:04d}.txt").write_text(f"caption {i}")
+    quiet = ShardOptions(progress=False)
+    written = {
+        "labelled": write_labelled_shards(read_image_folder(tmp_path / "folder").samples, tmp_path / "labelled",
+                                          ["x"], options=quiet)[0],
+        "pairs": write_pair_shards(read_pair_folder(tmp_path / "folder"), tmp_path / "pairs", options=quiet)[0],
+        "detection": write_detection_shards(read_coco(annotation_file, images_dir).images, tmp_path / "detection",
+                                            CATEGORIES, options=quiet)[0],
+    }
+    for kind, shards in written.items():
+        images = [np.asarray(decode_image(sample), dtype=np.float64) / 255 for sample in read_samples(shards.directory)]
+        mean = np.mean([image.reshape(-1, 3).mean(axis=0) for image in images], axis=0)
+        mean_square = np.mean([(image.reshape(-1, 3) ** 2).mean(axis=0) for image in images], axis=0)
+        stats = stats_of(shards.directory)
+        np.testing.assert_allclose(stats["pixel_mean"], mean, atol=1e-4, err_msg=kind)
+        np.testing.assert_allclose(stats["pixel_std"], np.sqrt(mean_square - mean ** 2), atol=1e-4, err_msg=kind)
+        assert 0.4 < min(stats["pixel_mean"]) and max(stats["pixel_mean"]) < 0.6  # uniform noise: ~0.5, std ~0.29
+
+    # Grey images give the same figure in every channel, and the CLI prints them beside the counts.
+    grey = tmp_path / "grey"
+    for i, value in enumerate((0, 51, 255)):
+        grey.joinpath("g").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), value).save(grey / "g" / f"{i}.png")
+    assert data_cli(["folder", "--root", str(grey), "--out", str(tmp_path / "grey_shards"), "--no-progress"]) == 0
+    mean, std = (0 + 0.2 + 1) / 3, np.sqrt((0 + 0.04 + 1) / 3 - ((0 + 0.2 + 1) / 3) ** 2)
+    stats = stats_of(tmp_path / "grey_shards")
+    np.testing.assert_allclose(stats["pixel_mean"], [mean] * 3, atol=1e-4)
+    np.testing.assert_allclose(stats["pixel_std"], [std] * 3, atol=1e-4)
+    assert f"pixel mean {stats['pixel_mean']} std {stats['pixel_std']}" in capsys.readouterr().out
+
+
+def test_large_images_are_measured_on_a_reduced_copy_with_the_same_statistics():
+    from data.images import PIXEL_STATS_SIDE, pixel_moments
+
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    mean, mean_square = pixel_moments(image)
+    exact = pixels.reshape(-1, 3).astype(np.float64) / 255
+    np.testing.assert_allclose(mean, exact.mean(axis=0), atol=2e-3)  # a box filter keeps the mean
+    assert image.size == (500, 300) and PIXEL_STATS_SIDE < 300  # the caller's image is left as it was
+    assert all(m * m <= s <= m for m, s in zip(mean, mean_square))

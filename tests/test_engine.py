@@ -111,6 +111,8 @@ def test_tiny_run_writes_log_checkpoint_weights_and_pictures(tmp_path, tiny_args
     with safe_open(str(latest / MODEL_FILE), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["objective"] == "mae" and metadata["model_name"] == "mae_test_micro"
+    data = load_config(MAEPretrainConfig, out / "config.yaml").data  # the inputs' statistics travel with the weights
+    assert (json.loads(metadata["data_mean"]), json.loads(metadata["data_std"])) == (list(data.mean), list(data.std))
     model = MaskedAutoencoderViT(**json.loads(metadata["model_config"]))
     model.load_state_dict(state_dict)  # strict: every tensor has its place and shape
     assert model.patch_embed.img_size == (16, 16) and len(model.blocks) == 1

@@ -15,10 +15,10 @@ from torchvision.transforms import v2
 
 from finetune.classify import RandAugment, finetune_train_transform, posterize
 from finetune.cli import main as finetune_main
-from finetune.config import AugmentConfig
+from finetune.config import AugmentConfig, FinetuneConfig
 from finetune.distillation import DistillationLoss, FrozenTeacher, hard_distillation, soft_distillation
 from pretrain.checkpoint import resolve_weights_file, save_checkpoint
-from pretrain.config import DataConfig, EncoderConfig, OptimConfig, TrainConfig
+from pretrain.config import DataConfig, EncoderConfig, OptimConfig, TrainConfig, load_config
 from pretrain.encoders import build_encoder, pretraining_model_from_checkpoint
 from pretrain.engine import Schedule, build_optimizer, build_scheduler
 from pretrain.models import create_model
@@ -239,6 +239,9 @@ def test_finetune_end_to_end_writes_metrics_and_best_and_last_weights(finetuned_
         assert (out / directory / "model.safetensors").is_file(), directory
     with safe_open(str(out / "last" / "model.safetensors"), framework="pt") as f:
         assert f.metadata()["epoch"] == "2" and f.metadata()["objective"] == "finetune"
+        data = load_config(FinetuneConfig, out / "config.yaml").data  # the statistics of its inputs, carried along
+        assert (json.loads(f.metadata()["data_mean"]), json.loads(f.metadata()["data_std"])) == (list(data.mean),
+                                                                                                 list(data.std))
     assert resolve_weights_file(out) == out / "best" / "model.safetensors"  # the run directory: its best weights
     model, spec, description = build_encoder(EncoderConfig(checkpoint=str(out)), keep_head=True)
     assert str(out / "best" / "model.safetensors") in description and spec["global_pool"] == "avg"

@@ -127,15 +127,18 @@ def retrieval_argv(out: Path, checkpoint, pairs, *overrides: str) -> list[str]:
             "train.batch_size=16", "train.mixed_precision=no", "logging.progress_bar=false", *overrides]
 
 
-def recall_by_hand(model, name: str, pairs: Path, count: int | None = None) -> dict[str, float]:
+def recall_by_hand(model, name: str, pairs: Path, count: int | None = None, ours: bool = True) -> dict[str, float]:
     """The first `count` pairs' normalised features in shard order (batches of the task's 16, so the features are
-    bit for bit the task's: identical captions give exactly tied candidates), then recall@k of their similarities."""
-    from data import ShardStream, clip_eval_transform
+    bit for bit the task's: identical captions give exactly tied candidates), then recall@k of their similarities.
+    The images normalised as the task does: with the statistics our run trained with (its weights record them, the
+    CLIP demo's Fashion-MNIST ones), else (`ours` False: weights of other origins) OpenAI's."""
+    from data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ShardStream, clip_eval_transform
     from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     from pretrain.models.clip import tokenizer_for
 
-    transform = clip_eval_transform(16, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    mean, std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if ours else (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    transform = clip_eval_transform(16, mean=mean, std=std)
     stream = ShardStream(str(pairs), transform, 16, train=False, kind="image-text", tokenizer=tokenizer_for(name))
     images, texts = [], []
     with torch.no_grad():
@@ -193,7 +196,7 @@ def test_retrieval_of_any_open_clip_model_from_its_config_and_a_local_weights_fi
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["open_clip_config"] == name and metrics["num_pairs"] == 20
     assert {key: metrics[key] for key in KEYS} == pytest.approx(recall_by_hand(model.eval(), name, tiny_pair_shards,
-                                                                               20), abs=1e-6)
+                                                                               20, ours=False), abs=1e-6)
 
 
 def test_retrieval_refuses_labelled_shards_in_one_line(clip_run, tiny_shards, tmp_path, capsys, single_thread):

@@ -26,8 +26,10 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..checkpoint import OPEN_CLIP_EXPORT_CONFIG
+
 OPEN_CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "open_clip_configs"
-EXPORT_CONFIG_FILE = "open_clip_config.json"  # the names open_clip's "local-dir:" schema looks for
+EXPORT_CONFIG_FILE = OPEN_CLIP_EXPORT_CONFIG  # the names open_clip's "local-dir:" schema looks for
 EXPORT_WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
