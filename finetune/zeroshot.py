@@ -1,7 +1,8 @@
 """Zero-shot classification with a CLIP model and a prompt ensemble (task `zeroshot`; the classifier and the
 accuracy are pretrain/clip_eval.py's). Any labelled shards serve as the evaluation set; the classes are named by a
 file or the shards' stats.json. Several sets can be evaluated in one run (`sets`), each with its own classes and
-prompts: metrics.json then has a row per set and their mean.
+prompts: metrics.json then has a row per set and their mean. With several prompts, each one's own top-1 is measured
+on the same pass over the images, to show what the ensemble gains over a single prompt.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from data import clip_eval_transform
-from pretrain.clip_eval import class_names, evaluate_zero_shot, prompt_templates, zero_shot_weights
+from pretrain.clip_eval import (class_names, ensemble_vs_single_templates, evaluate_zero_shot, prompt_templates,
+                                 single_template_weights, zero_shot_weights)
 from pretrain.config import ConfigError, DataConfig, to_dict
 from pretrain.run import resolve_shards, setup_run
 from pretrain.visualize import save_confusion_matrix
@@ -41,15 +43,29 @@ def load_clip_model(model_cfg: ZeroShotModelConfig, data: DataConfig, device) ->
 
 def evaluate_set(model: nn.Module, tokenizer, transform, shards: str, names: list[str], prompts: list[str],
                  templates: str, cfg: ZeroShotConfig, accelerator) -> tuple[dict[str, Any], torch.Tensor]:
-    """One labelled set: its classifier from the class names x prompts, then (metrics, confusion matrix [C, C])."""
+    """One labelled set: its classifier from the class names x prompts, then (metrics, confusion matrix [C, C]);
+    with several prompts the metrics also hold each prompt's own top-1 against the ensemble's."""
     classifier = zero_shot_weights(model, tokenizer, names, prompts, accelerator.device)
+    single_classifiers = None if len(prompts) == 1 else single_template_weights(model, tokenizer, names, prompts,
+                                                                                accelerator.device)
     metrics = evaluate_zero_shot(model, classifier, shards, transform, cfg.train.batch_size, cfg.data.num_workers,
-                                 accelerator, cfg.data.max_skip_rate, confusion=True)
+                                 accelerator, cfg.data.max_skip_rate, confusion=True,
+                                 template_classifiers=single_classifiers)
     confusion = metrics.pop("confusion_matrix")
+    if single_classifiers is not None:
+        metrics.update(ensemble_vs_single_templates(prompts, metrics.pop("single_template_top1"), metrics["top1"]))
     metrics["per_class_top1"] = dict(zip(names, metrics["per_class_top1"]))
     metrics["per_class_samples"] = dict(zip(names, metrics["per_class_samples"]))
     metrics.update(eval_shards=str(shards), num_classes=len(names), num_templates=len(prompts), templates=templates)
     return metrics, confusion
+
+
+def ensemble_note(metrics: dict[str, Any]) -> str:
+    """For the log: the ensemble's top-1 against the mean single prompt's, when the prompts were compared."""
+    if "mean_single_template_top1" not in metrics:
+        return ""
+    return (f" (ensemble {metrics['ensemble_minus_mean_single']:+.2f} points vs the mean single template "
+            f"{metrics['mean_single_template_top1']:.2f}%, best {metrics['best_single_template_top1']:.2f}%)")
 
 
 def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
@@ -83,9 +99,9 @@ def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
         if accelerator.is_main_process:
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             png = save_confusion_matrix(confusion, names, output_dir / "confusion_matrix.png", f"zero-shot, {name}")
-            log.info("zero-shot (%s, %d classes x %d prompts): top-1 %.2f%%, top-5 %.2f%% on %d images; metrics.json, "
-                     "%s in %s", name, len(names), metrics["num_templates"], metrics["top1"], metrics["top5"],
-                     metrics["num_samples"], png.name, output_dir)
+            log.info("zero-shot (%s, %d classes x %d prompts): top-1 %.2f%%%s, top-5 %.2f%% on %d images; "
+                     "metrics.json, %s in %s", name, len(names), metrics["num_templates"], metrics["top1"],
+                     ensemble_note(metrics), metrics["top5"], metrics["num_samples"], png.name, output_dir)
         return metrics
 
     rows, pngs = {}, []
@@ -102,7 +118,7 @@ def run_zero_shot(cfg: ZeroShotConfig) -> dict[str, Any]:
                    config=to_dict(cfg))
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        per_set = ", ".join(f"{set_name} {row['top1']:.2f}%" for set_name, row in rows.items())
+        per_set = ", ".join(f"{set_name} {row['top1']:.2f}%{ensemble_note(row)}" for set_name, row in rows.items())
         log.info("zero-shot (%s, %d sets): mean top-1 %.2f%%, mean top-5 %.2f%% (top-1: %s); metrics.json, %s in %s",
                  name, len(rows), mean_top1, mean_top5, per_set, ", ".join(png.name for png in pngs), output_dir)
     return metrics

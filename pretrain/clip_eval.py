@@ -5,7 +5,8 @@ over labelled shards.
 Zero-shot classification (Radford et al. 2021, section 3.1.4): each class is embedded by every prompt template
 ("a photo of a {}.", ...); the class embedding is the mean of the L2-normalised text embeddings of its prompts,
 normalised again (open_clip's `build_zero_shot_classifier`). An image is assigned the class of highest cosine
-similarity (logits = 100 x cosine, as CLIP's learned scale is near 100).
+similarity (logits = 100 x cosine, as CLIP's learned scale is near 100). The paper reports that the ensemble beats
+single prompts; `single_template_weights` and `ensemble_vs_single_templates` measure whether it does here.
 """
 from __future__ import annotations
 
@@ -90,6 +91,34 @@ def zero_shot_weights(model: nn.Module, tokenizer, names: Sequence[str], templat
     return build_zero_shot_classifier(model, tokenizer, names, templates, num_classes_per_batch=10, device=device)
 
 
+@torch.no_grad()
+def single_template_weights(model: nn.Module, tokenizer, names: Sequence[str], templates: Sequence,
+                            device) -> torch.Tensor:
+    """[T, D, C]: each template's classifier on its own (build_zero_shot_classifier with that template alone), to
+    compare the ensemble with its single prompts; each forward embeds as many prompts as one of the ensemble's."""
+    from open_clip import build_zero_shot_classifier
+
+    return torch.stack([build_zero_shot_classifier(model, tokenizer, names, [template],
+                                                   num_classes_per_batch=10 * len(templates), device=device)
+                        for template in templates])
+
+
+def template_text(template: str | Callable[[str], str]) -> str:
+    """A template as text with "{}" where the class name goes (open_clip's templates are functions)."""
+    return template if isinstance(template, str) else template("{}")
+
+
+def ensemble_vs_single_templates(templates: Sequence, single_top1: Sequence[float],
+                                 ensemble_top1: float) -> dict[str, Any]:
+    """Each template's own top-1 (percent, in the templates' order), their mean and best, and the ensemble's top-1
+    minus that mean: whether ensembling the prompts helps, as the CLIP paper found it does."""
+    mean_top1 = sum(single_top1) / len(single_top1)
+    return {"per_template_top1": [{"template": template_text(template), "top1": top1}
+                                  for template, top1 in zip(templates, single_top1)],
+            "mean_single_template_top1": mean_top1, "best_single_template_top1": max(single_top1),
+            "ensemble_minus_mean_single": ensemble_top1 - mean_top1}
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
@@ -97,10 +126,12 @@ def zero_shot_weights(model: nn.Module, tokenizer, names: Sequence[str], templat
 def evaluate_zero_shot(model: nn.Module, classifier: torch.Tensor, shards: str, transform, batch_size: int,
                        num_workers: int, accelerator, max_skip_rate: float = 0.5,
                        confusion: bool = False, max_samples: int | None = None,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, template_classifiers: torch.Tensor | None = None) -> dict[str, Any]:
     """Top-1 / top-5 and per-class accuracy over labelled shards, each sample counted once across processes
     (max_samples: the first of each process's share only, about max_samples in all, as embed_pairs);
-    confusion=True adds "confusion_matrix", the [true, predicted] top-1 counts (int64 tensor [C, C])."""
+    confusion=True adds "confusion_matrix", the [true, predicted] top-1 counts (int64 tensor [C, C]);
+    template_classifiers [T, D, C] (single_template_weights) adds "single_template_top1", each one's top-1 (percent)
+    on the same images, embedded once for all."""
     from tqdm.auto import tqdm
 
     num_classes = classifier.shape[1]
@@ -109,6 +140,9 @@ def evaluate_zero_shot(model: nn.Module, classifier: torch.Tensor, shards: str, 
     limit = None if max_samples is None else -(-max_samples // accelerator.num_processes)
     total = -(-min(count_samples(shards), max_samples or float("inf")) // (batch_size * accelerator.num_processes))
     accuracy = TopKAccuracy(num_classes)
+    if template_classifiers is not None:
+        template_classifiers = template_classifiers.float()
+        template_hits = torch.zeros(len(template_classifiers), dtype=torch.float64)
     seen = 0
     batches = iter(make_data_loader(stream, num_workers))
     try:
@@ -120,8 +154,10 @@ def evaluate_zero_shot(model: nn.Module, classifier: torch.Tensor, shards: str, 
             if int(labels.max()) >= num_classes:
                 raise ConfigError(f"label {int(labels.max())} in {shards} but only {num_classes} class names")
             with accelerator.autocast():
-                features = model.encode_image(images.to(accelerator.device), normalize=True)
-            accuracy.update(LOGIT_SCALE * features.float() @ classifier.float(), labels)
+                features = model.encode_image(images.to(accelerator.device), normalize=True).float()
+            accuracy.update(LOGIT_SCALE * features @ classifier.float(), labels)
+            if template_classifiers is not None:
+                template_hits += _top1_hits(features, template_classifiers, labels.to(accelerator.device)).cpu()
             seen += len(labels)
             if limit is not None and seen >= limit:
                 break
@@ -132,7 +168,18 @@ def evaluate_zero_shot(model: nn.Module, classifier: torch.Tensor, shards: str, 
         raise ConfigError(f"no evaluation images read from {shards}")
     if confusion:
         metrics["confusion_matrix"] = accuracy.confusion_matrix(accelerator)
+    if template_classifiers is not None:
+        if accelerator.num_processes > 1:  # summed as TopKAccuracy sums its counts
+            template_hits = accelerator.reduce(template_hits.to(accelerator.device), reduction="sum").cpu()
+        metrics["single_template_top1"] = (100.0 * template_hits / metrics["num_samples"]).tolist()
     return metrics
+
+
+def _top1_hits(features: torch.Tensor, template_classifiers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[T] float64: how many of the batch each single-template classifier puts first on the true class, one
+    template's logits [n, C] at a time (all T at once would be 80 x n x 1000 for ImageNet's ensemble)."""
+    return torch.stack([((features @ weights).argmax(dim=1) == labels).sum()
+                        for weights in template_classifiers]).double()
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
