@@ -1,0 +1,86 @@
+"""The results picture of docs/benchmarks.md: every method of the Fashion-MNIST benchmarks against its baselines
+and its target, one group of bars per row, drawn from the `summary` the benchmark scripts write into their JSON.
+
+    python benchmarks/results_chart.py docs/results/*.json --out docs/results/fashion_mnist.png
+
+A summary row: {"row": "MAE, linear probe", "metric": "top-1 (%)", "value": 88.1, "target": 88,
+"baselines": {"raw pixels": 85.4, "random init": 72.6}}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+METHOD_COLOUR, BASELINE_COLOURS, TARGET_COLOUR = "#1f77b4", ("#bbbbbb", "#888888", "#555555"), "#d62728"
+
+
+def read_summaries(paths: list[Path]) -> list[dict]:
+    """Every summary row of the given benchmark JSON files, in file order; a file without one is skipped, said."""
+    rows = []
+    for path in paths:
+        summary = json.loads(path.read_text()).get("summary")
+        if not summary:
+            print(f"{path}: no summary rows, left out", file=sys.stderr)
+            continue
+        rows.extend(summary)
+    return rows
+
+
+def draw(rows: list[dict], out: Path) -> None:
+    """Horizontal bars: per row the method (blue), its baselines (grey), the target (a red tick)."""
+    bar, gap = 0.8, 0.6
+    heights = [bar * (1 + len(row.get("baselines", {}))) + gap for row in rows]
+    figure = Figure(figsize=(8, 0.9 + 0.32 * sum(heights) / bar), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    y, ticks, labels = 0.0, [], []
+    for row, height in zip(rows, heights):
+        entries = [(row["row"], row["value"], METHOD_COLOUR)] + [
+            (name, value, BASELINE_COLOURS[i % len(BASELINE_COLOURS)])
+            for i, (name, value) in enumerate(row.get("baselines", {}).items())]
+        for offset, (name, value, colour) in enumerate(entries):
+            position = y + offset * bar
+            ax.barh(position, value, height=bar * 0.9, color=colour)
+            ax.text(value, position, f" {value:.1f}", va="center", fontsize=7)
+            ticks.append(position)
+            labels.append(name if offset == 0 else f"    {name}")
+        if row.get("target") is not None:
+            top, bottom = y - bar / 2, y + (len(entries) - 0.5) * bar
+            ax.plot([row["target"]] * 2, [top, bottom], color=TARGET_COLOUR, linewidth=2)
+            ax.text(row["target"], top, f"target {row['target']:g}", color=TARGET_COLOUR, fontsize=7, va="bottom")
+        y += height
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("top-1 (%) / AP50 (%), held-out validation split of Fashion-MNIST's training set")
+    ax.set_xlim(0, 105)
+    ax.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, format="png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="benchmark JSON files (written with --json)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/fashion_mnist.png"))
+    args = parser.parse_args(argv)
+    missing = [str(path) for path in args.results if not path.is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    rows = read_summaries(args.results)
+    if not rows:
+        print("error: none of the files holds summary rows (write them with the benchmarks' --json)", file=sys.stderr)
+        return 2
+    draw(rows, args.out)
+    print(f"{len(rows)} rows drawn into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""benchmarks/results_chart.py: the results picture drawn from the summary rows the benchmark scripts write, and
+linear_probe.py's summary rows (the best MAE probe and k-NN against the same probe of each baseline)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their neighbours (fmnist_steps, probe_lr)
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+ROWS = [  # linear_probe.py's rows, abridged
+    {"features": "MAE pretrained, cls", "probe": "MAE protocol (LARS)", "top1": 83.9},
+    {"features": "MAE pretrained, cls", "probe": "L-BFGS protocol", "top1": 85.5},
+    {"features": "MAE pretrained, cls+avg", "probe": "L-BFGS protocol", "top1": 87.1},
+    {"features": "MAE pretrained, cls+avg", "probe": "k-NN (k=20)", "top1": 82.4},
+    {"features": "MAE pretrained, cls", "probe": "k-NN (k=20)", "top1": 81.8},
+    {"features": "random init (same ViT), cls", "probe": "MAE protocol (LARS)", "top1": 64.0},
+    {"features": "random init (same ViT), cls", "probe": "L-BFGS protocol", "top1": 72.6},
+    {"features": "random init (same ViT), cls", "probe": "k-NN (k=20)", "top1": 55.8},
+    {"features": "raw pixels", "probe": "MAE protocol (LARS)", "top1": 85.25},
+    {"features": "raw pixels", "probe": "L-BFGS protocol", "top1": 85.38},
+    {"features": "raw pixels", "probe": "scikit-learn LogisticRegression (same C, same standardisation)", "top1": 99},
+    {"features": "raw pixels", "probe": "k-NN (k=20)", "top1": 85.25},
+]
+
+
+def test_linear_probe_summary_takes_each_encoders_best_under_the_same_kind_of_probe():
+    summary = load("linear_probe").summary_rows(ROWS)
+    assert summary == [
+        {"row": "MAE tiny ViT, linear probe", "metric": "top-1 (%)", "value": 87.1, "target": 88.0,
+         "baselines": {"raw pixels": 85.38, "random init": 72.6}},  # scikit-learn's check is not a probe of ours
+        {"row": "MAE tiny ViT, k-NN (k=20)", "metric": "top-1 (%)", "value": 82.4, "target": 85.0,
+         "baselines": {"raw pixels": 85.25, "random init": 55.8}},
+    ]
+    assert load("linear_probe").summary_rows([row for row in ROWS if not row["features"].startswith("MAE")]) == []
+
+
+def test_chart_draws_every_summary_row_and_refuses_files_without_one(tmp_path, capsys):
+    chart = load("results_chart")
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"rows": ROWS, "summary": load("linear_probe").summary_rows(ROWS)}))
+    detr = tmp_path / "detr.json"
+    detr.write_text(json.dumps({"summary": [{"row": "DETR, AP50", "metric": "AP50 (%)", "value": 51.0,
+                                             "target": 50, "baselines": {}}]}))
+    empty = tmp_path / "old.json"
+    empty.write_text(json.dumps({"rows": []}))
+    out = tmp_path / "docs" / "chart.png"
+    assert chart.main([str(probe), str(detr), str(empty), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "3 rows drawn" in captured.out and f"{empty}: no summary rows, left out" in captured.err
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.height > image.width / 4
+
+    assert chart.main([str(empty), "--out", str(tmp_path / "none.png")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: none of the files holds summary rows")
+    assert chart.main([str(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no such file: {tmp_path / 'missing.json'}"
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_finetune_and_clip_summaries_name_each_method_its_baselines_and_target():
+    finetuned = {"MAE pretrained": {"top1": 93.4}, "from scratch": {"top1": 88.0}}
+    students = {"none": {"top1": 85.0}, "soft": {"top1": 85.5}, "hard": {"top1": 86.2}}
+    assert load("finetune_fmnist").summary_rows(finetuned, students) == [
+        {"row": "MAE tiny ViT -> finetune", "metric": "top-1 (%)", "value": 93.4, "target": 93.0,
+         "baselines": {"same ViT from scratch": 88.0}},
+        {"row": "DeiT student, hard distillation", "metric": "top-1 (%)", "value": 86.2, "target": 86.0,
+         "baselines": {"no distillation": 85.0, "soft distillation": 85.5, "teacher": 93.4}},
+    ]
+    rows = [{"top1": 88.5, "mean_single_template_top1": 86.9, "best_single_template_top1": 88.0}]
+    retrieval = {"image_to_text_R@1": 1.5, "text_to_image_R@1": 0.9, "num_pairs": 6000}
+    zero_shot, recall = load("clip_zeroshot").summary_rows(rows, retrieval)
+    assert zero_shot["value"] == 88.5 and zero_shot["target"] == 88.0
+    assert zero_shot["baselines"] == {"mean single template": 86.9, "best single template": 88.0, "chance": 10.0}
+    assert recall["value"] == 1.5 and recall["baselines"] == {"text->image R@1": 0.9, "chance": 100 / 6000}
+    detr = load("detr_fmnist").summary_rows({"history": [{"AP50": 0.1, "AP": 0.05}, {"AP50": 0.52, "AP": 0.27}]})
+    assert [(row["row"], row["value"], row["target"]) for row in detr] == [
+        ("DETR on the canvases, AP50", 52.0, 50.0), ("DETR on the canvases, AP", 27.0, 25.0)]
