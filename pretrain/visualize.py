@@ -52,6 +52,11 @@ def reconstruction_panels(
 
     original = to_display(images)
     reconstruction = to_display(reconstruction)
+    # a grey image (its three channels equal) is reconstructed channel by channel; drawn as the grey it stands for,
+    # so that the channels' small disagreements do not speckle it with colour
+    grey = (original.amax(dim=1) - original.amin(dim=1)).flatten(1).amax(dim=1) < 1e-6  # [N]
+    grey_reconstruction = reconstruction.mean(dim=1, keepdim=True).expand_as(reconstruction)
+    reconstruction = torch.where(grey.view(-1, 1, 1, 1), grey_reconstruction, reconstruction)
     masked_input = original * (1 - masked_pixels) + MASKED_GREY * masked_pixels
     pasted = original * (1 - masked_pixels) + reconstruction * masked_pixels
     return torch.stack([original, masked_input, reconstruction, pasted], dim=1)

@@ -38,16 +38,33 @@ def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
 def test_a_blurry_reconstruction_of_grey_images_stays_grey_only_with_grey_statistics(statistics, grey,
                                                                                      micro_model):
     """A decoder that predicts each patch's mean (all zeros in the per-patch normalised target space, what an
-    undertrained MAE approaches) shows it grey with grey statistics, tinted with ImageNet's."""
+    undertrained MAE approaches) gives grey pixels with grey statistics, coloured ones with ImageNet's: per-patch
+    normalisation over the three channels turns their different offsets into the target."""
     torch.manual_seed(0)
-    model = create_model(micro_model)
+    model = create_model(micro_model).eval()
     torch.nn.init.zeros_(model.decoder_pred.weight)
     torch.nn.init.zeros_(model.decoder_pred.bias)
     mean, std = statistics
-    panels = reconstruction_panels(model, normalise(grey_images(), mean, std), mean, std, mask_ratio=0.75)
-    reconstruction = panels[:, 2]  # [N, 3, H, W] in display space
-    spread = (reconstruction.amax(dim=1) - reconstruction.amin(dim=1)).max().item()  # channel difference
+    images = normalise(grey_images(), mean, std)
+    with torch.no_grad():
+        _, pred, _ = model(images, mask_ratio=0.75)
+        reconstruction = model.unpatchify(model.pred_to_pixels(pred, images))
+    pixels = reconstruction * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    spread = (pixels.amax(dim=1) - pixels.amin(dim=1)).max().item()  # how far the channels of a pixel differ
     assert (spread < 1e-5) if grey else (spread > 0.05), spread
+
+
+def test_grey_images_are_drawn_grey_and_colour_images_in_colour(micro_model):
+    """A trained model's channels disagree a little; a grey image's reconstruction is drawn as their mean."""
+    torch.manual_seed(0)
+    model = create_model(micro_model)  # random decoder: every channel predicted differently
+    mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    colour = torch.rand(2, 3, 16, 16)
+    images = torch.cat([grey_images(2), colour])
+    panels = reconstruction_panels(model, normalise(images, mean, std), mean, std, mask_ratio=0.75)
+    spread = (panels[:, 2].amax(dim=1) - panels[:, 2].amin(dim=1)).flatten(1).amax(dim=1)
+    assert spread[:2].max() < 1e-6 and spread[2:].min() > 0.05, spread
+    torch.testing.assert_close(panels[2:, 0], colour)  # the colour originals drawn as they are
 
 
 def test_the_demo_defaults_normalise_the_embedded_images_by_their_own_grey_statistics():
