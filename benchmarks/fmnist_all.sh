@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every Fashion-MNIST benchmark of docs/benchmarks.md, one after another, into runs/bench_fmnist (the shared
+# 54k/6k split and MAE), their figures into docs/results/*.json and the results picture
+# docs/results/fashion_mnist.png. Each script skips what is done and resumes what was interrupted, so this can run
+# in the background and be started again after a stop:
+#   nohup bash benchmarks/fmnist_all.sh > runs/fmnist_all.log 2>&1 &
+# Run from anywhere; PYTHON and FASHION_MNIST override the interpreter and the IDX folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+FMNIST=${FASHION_MNIST:-../shared/datasets/fashion-mnist}
+mkdir -p docs/results
+
+"$PY" benchmarks/linear_probe.py --fashion-mnist "$FMNIST" --json docs/results/probe.json
+"$PY" benchmarks/finetune_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/finetune.json
+"$PY" benchmarks/clip_zeroshot.py --fashion-mnist "$FMNIST" --json docs/results/clip.json
+# DETR on one thread: with two, each small op of its 128-d transformer waited on the busy second core
+OMP_NUM_THREADS=1 "$PY" benchmarks/detr_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/detr.json
+"$PY" benchmarks/results_chart.py docs/results/*.json --out docs/results/fashion_mnist.png
