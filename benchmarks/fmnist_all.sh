@@ -13,6 +13,7 @@ mkdir -p docs/results
 
 "$PY" benchmarks/linear_probe.py --fashion-mnist "$FMNIST" --json docs/results/probe.json
 "$PY" benchmarks/finetune_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/finetune.json
+"$PY" benchmarks/swin_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/swin.json
 "$PY" benchmarks/clip_zeroshot.py --fashion-mnist "$FMNIST" --json docs/results/clip.json
 # DETR on one thread: with two, each small op of its 128-d transformer waited on the busy second core
 OMP_NUM_THREADS=1 "$PY" benchmarks/detr_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/detr.json

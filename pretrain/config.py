@@ -263,6 +263,9 @@ class DataConfig:
         check(self.samples_per_epoch is None or self.samples_per_epoch > 0, f"'data.samples_per_epoch' must be positive, got {self.samples_per_epoch}")
         check(0 <= self.max_skip_rate <= 1, f"'data.max_skip_rate' must be in [0, 1], got {self.max_skip_rate}")
         check(self.shuffle_buffer >= 1, f"'data.shuffle_buffer' must be >= 1, got {self.shuffle_buffer}")
+        check(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0,
+              f"'data.mean' / 'data.std' must be 3 numbers each (R, G, B; std positive), got {list(self.mean)} / "
+              f"{list(self.std)}")
 
 
 @dataclass

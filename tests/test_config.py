@@ -72,6 +72,8 @@ def test_unknown_key_in_a_yaml_file_is_named_with_its_section(tmp_path):
         ("train=3", "train", "mapping"),
         ("train.epochs=0", "train.epochs", ">= 1"),
         ("model.mask_ratio=1.5", "model.mask_ratio", "(0, 1)"),
+        ("data.mean=[0.5]", "data.mean", "3 items"),
+        ("data.std=[0.3,0,0.3]", "data.mean", "std positive"),
     ],
 )
 def test_wrong_type_or_value_names_the_key(capsys, override, key, expected):

@@ -1,0 +1,148 @@
+"""Does masked-image pretraining help the small Swin's finetuning? Fashion-MNIST (54k train / 6k held-out val), on CPU.
+
+The small Swin (3 stages 48/96/192-d, window 4: the encoder of both ummae_swin_tiny_cpu and simmim_swin_tiny_cpu) is
+pretrained by UM-MAE and by SimMIM, then finetuned from each checkpoint and from scratch with one recipe and budget
+(configs/finetune_swin_tiny_fmnist.yaml; the scratch run has no layer-wise lr decay, which only makes sense for
+pretrained layers). The bar: each pretrained Swin finishes above the one trained from scratch.
+
+    python benchmarks/swin_fmnist.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench_fmnist/swin.json
+    python benchmarks/swin_fmnist.py --smoke        # minutes: the bundled 3k images, a few steps per run
+
+Steps (each skipped when its output exists; an interrupted run resumes from its latest checkpoint):
+1. `python -m data idx` writes the 54,000 / 6,000 split as shards (as benchmarks/linear_probe.py; reused).
+2. `python -m pretrain` trains UM-MAE (configs/ummae_swin_tiny_fmnist.yaml) and SimMIM
+   (configs/simmim_swin_tiny_fmnist.yaml); a run is done once its reconstructions.png is written.
+3. `python -m finetune` finetunes (configs/finetune_swin_tiny_fmnist.yaml) from UM-MAE, from SimMIM and from scratch.
+4. The table of the three, and the pretraining runs' final loss and k-NN monitor (top-1 by step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pretrain.checkpoint import find_latest  # noqa: E402
+from pretrain.cli import main as pretrain_main  # noqa: E402
+
+# benchmarks/, first on sys.path when run as a script
+from finetune_fmnist import SMOKE, finetune, summary  # noqa: E402
+from fmnist_steps import run, write_split  # noqa: E402
+
+PRETRAIN_CONFIGS = {"UM-MAE": REPO / "configs/ummae_swin_tiny_fmnist.yaml",
+                    "SimMIM": REPO / "configs/simmim_swin_tiny_fmnist.yaml"}
+PRETRAIN_DIRS = {"UM-MAE": "ummae_swin", "SimMIM": "simmim_swin"}
+FINETUNE_CONFIG = REPO / "configs/finetune_swin_tiny_fmnist.yaml"
+SCRATCH = "from scratch"
+# --smoke pretraining: a small picture, and the k-NN monitor on a few of the bundled images
+SMOKE_PRETRAIN = ["num_pictures=2", "eval.max_images=100", "eval.max_bank_images=256"]
+
+
+def pretrain(method: str, out: Path, overrides: list[str], epochs: int, seconds: dict) -> dict:
+    """Run (or resume, or skip once its reconstructions.png exists) one `python -m pretrain` run into `out`; its
+    steps, final loss and k-NN monitor from log.jsonl."""
+    if (out / "reconstructions.png").is_file():
+        print(f"\n== {method} pretraining: done earlier ({out})")
+    else:
+        # an interrupted run continues from its latest checkpoint; one that wrote none starts over
+        restart = "train.resume=latest" if find_latest(out / "checkpoints") else "train.overwrite=true"
+        argv = ["--config", str(PRETRAIN_CONFIGS[method]), f"output_dir={out}", f"train.epochs={epochs}", restart,
+                *overrides]
+        seconds[f"{method} pretraining"] = run(f"{method} pretraining", pretrain_main, argv)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = next(line for line in reversed(log) if "loss" in line)
+    knn = {line["step"]: line["eval/knn_top1"] for line in log if "eval/knn_top1" in line}  # a resume repeats steps
+    return {"config": str(PRETRAIN_CONFIGS[method].relative_to(REPO)), "epochs": epochs, "steps": last["step"],
+            "final_loss": last["loss"], "knn_top1": sorted(knn.items())}
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fashion-mnist", default=str(REPO.parent / "shared/datasets/fashion-mnist"),
+                        help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz")
+    parser.add_argument("--work-dir", default=None, help="default: runs/bench_fmnist (--smoke: runs/bench_swin_smoke)")
+    parser.add_argument("--pretrain-epochs", type=positive, default=None,
+                        help="override the pretraining configs' epochs (a finished pretraining run is kept)")
+    parser.add_argument("--finetune-epochs", type=positive, default=None,
+                        help="override the finetuning config's epochs")
+    parser.add_argument("--smoke", action="store_true", help="tiny: bundled images, 1 epoch of 256 images per run")
+    parser.add_argument("--json", help="also write the figures as JSON to this path")
+    args = parser.parse_args()
+
+    work = Path(args.work_dir or ("runs/bench_swin_smoke" if args.smoke else "runs/bench_fmnist"))
+    shards = work / "shards"
+    seconds: dict[str, float] = {}
+    if args.smoke:
+        from data import ensure_embedded_shards
+
+        ensure_embedded_shards(shards)
+    else:
+        write_split(args.fashion_mnist, shards, seconds)
+    common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *(SMOKE if args.smoke else [])]
+
+    def epochs_of(config: Path, override: int | None) -> int:
+        return 1 if args.smoke else override or yaml.safe_load(config.read_text())["train"]["epochs"]
+
+    pretrained = {
+        method: pretrain(method, work / PRETRAIN_DIRS[method], [*common, *(SMOKE_PRETRAIN if args.smoke else [])],
+                         epochs_of(config, args.pretrain_epochs), seconds)
+        for method, config in PRETRAIN_CONFIGS.items()
+    }
+
+    finetune_epochs = epochs_of(FINETUNE_CONFIG, args.finetune_epochs)
+    runs = {
+        f"{method} pretrained": finetune(f"finetune from {method}", FINETUNE_CONFIG, work / f"finetune_{folder}",
+                                         [*common, f"encoder.checkpoint={work / folder}"], finetune_epochs, seconds)
+        for method, folder in PRETRAIN_DIRS.items()
+    }
+    runs[SCRATCH] = finetune("train from scratch", FINETUNE_CONFIG, work / "finetune_scratch_swin",
+                             [*common, "encoder.checkpoint=null", "layer_decay=null"], finetune_epochs, seconds)
+
+    result = {
+        "benchmark": "small Swin finetuning on Fashion-MNIST (54k train / 6k held-out val), UM-MAE / SimMIM vs scratch"
+                     + (" [SMOKE: bundled 2.7k/300 images, 256 images per run]" if args.smoke else ""),
+        "pretraining": pretrained,
+        "finetune": {"config": str(FINETUNE_CONFIG.relative_to(REPO)), "epochs": finetune_epochs},
+        "rows": [{"initialisation": name, **summary(m)} for name, m in runs.items()],
+        "summary": summary_rows(runs),
+        "seconds": seconds,
+    }
+    scratch = runs[SCRATCH]
+    print(f"\nSwin finetuning, {finetune_epochs} epoch(s), {scratch['num_train']} training images, "
+          f"{scratch['num_samples']} validation images\n")
+    print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")
+    for name, m in runs.items():
+        print(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['best_top1']:.2f} ({m['best_epoch']}) |")
+    print()
+    for method, p in pretrained.items():
+        knn = ", ".join(f"{step}: {top1:.2f}" for step, top1 in p["knn_top1"]) or "none"
+        print(f"{method}: {p['steps']} steps, final loss {p['final_loss']:.4f}; k-NN monitor (top-1 %, by step): {knn}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def summary_rows(finetuned: dict[str, dict]) -> list[dict]:
+    """The results picture's rows (benchmarks/results_chart.py): each pretrained Swin finetuned against the same Swin
+    trained from scratch with the same budget (last epochs); the issue's bar is the scratch top-1 itself."""
+    scratch = finetuned[SCRATCH]["top1"]
+    return [{"row": f"{method} Swin -> finetune", "metric": "top-1 (%)",
+             "value": finetuned[f"{method} pretrained"]["top1"], "target": scratch,
+             "baselines": {"same Swin from scratch": scratch}}
+            for method in PRETRAIN_CONFIGS]
+
+
+if __name__ == "__main__":
+    main()
