@@ -2,25 +2,17 @@
 linear_probe.py's summary rows (the best MAE probe and k-NN against the same probe of each baseline)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 from PIL import Image
 
+from benchmark_helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load(name: str):
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their neighbours (fmnist_steps, probe_lr)
-    try:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+load = load_benchmark
 
 
 ROWS = [  # linear_probe.py's rows, abridged

@@ -2,7 +2,6 @@
 finetuned from either or from scratch as the same architecture), and its --smoke run end to end, then skipped."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,21 +15,15 @@ from pretrain.config import MAEPretrainConfig, load_config
 from pretrain.encoders import build_encoder, spec_for_pretrained
 from pretrain.models import create_model
 
+from benchmark_helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_MEAN, FMNIST_STD = (0.286,) * 3, (0.353,) * 3
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def load(name: str):
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their neighbours (fmnist_steps, probe_lr)
-    try:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+load = load_benchmark
 
 
 def test_summary_rows_hold_each_pretrained_swin_against_scratch_as_its_target():
