@@ -31,7 +31,7 @@ from finetune.cli import main as finetune_main  # noqa: E402
 from pretrain.checkpoint import find_latest  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
-from fmnist_steps import run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from fmnist_steps import prepare_shards, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
 DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
@@ -66,12 +66,7 @@ def main() -> None:
     work = Path(args.work_dir or ("runs/bench_finetune_smoke" if args.smoke else "runs/bench_fmnist"))
     shards = work / "shards"
     seconds: dict[str, float] = {}
-    if args.smoke:
-        from data import ensure_embedded_shards
-
-        ensure_embedded_shards(shards)
-    else:
-        write_split(args.fashion_mnist, shards, seconds)
+    prepare_shards(args.fashion_mnist, shards, args.smoke, seconds)
     common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *(SMOKE if args.smoke else [])]
 
     mae_dir = work / "mae"

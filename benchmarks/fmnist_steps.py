@@ -30,3 +30,13 @@ def write_split(fashion_mnist: str | Path, shards: Path, seconds: dict[str, floa
         "--overwrite",
         "--classes", ",".join(FASHION_MNIST_CLASSES),
     ])
+
+
+def prepare_shards(fashion_mnist: str | Path, shards: Path, smoke: bool, seconds: dict[str, float]) -> None:
+    """The benchmarks' shards: the bundled 2,700 / 300 images for a smoke run, else the 54,000 / 6,000 split."""
+    if smoke:
+        from data import ensure_embedded_shards
+
+        ensure_embedded_shards(shards)
+    else:
+        write_split(fashion_mnist, shards, seconds)

@@ -32,7 +32,7 @@ from pretrain.cli import main as pretrain_main  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
 from finetune_fmnist import SMOKE, finetune, summary  # noqa: E402
-from fmnist_steps import run, write_split  # noqa: E402
+from fmnist_steps import prepare_shards, run  # noqa: E402
 
 PRETRAIN_CONFIGS = {"UM-MAE": REPO / "configs/ummae_swin_tiny_fmnist.yaml",
                     "SimMIM": REPO / "configs/simmim_swin_tiny_fmnist.yaml"}
@@ -84,12 +84,7 @@ def main() -> None:
     work = Path(args.work_dir or ("runs/bench_swin_smoke" if args.smoke else "runs/bench_fmnist"))
     shards = work / "shards"
     seconds: dict[str, float] = {}
-    if args.smoke:
-        from data import ensure_embedded_shards
-
-        ensure_embedded_shards(shards)
-    else:
-        write_split(args.fashion_mnist, shards, seconds)
+    prepare_shards(args.fashion_mnist, shards, args.smoke, seconds)
     common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *(SMOKE if args.smoke else [])]
 
     def epochs_of(config: Path, override: int | None) -> int:
