@@ -11,8 +11,10 @@ PY=${PYTHON:-.venv/bin/python}
 FMNIST=${FASHION_MNIST:-../shared/datasets/fashion-mnist}
 mkdir -p docs/results
 
-"$PY" benchmarks/linear_probe.py --fashion-mnist "$FMNIST" --json docs/results/probe.json
+# the rows with targets first: MAE -> finetune vs scratch and DeiT distillation
+
 "$PY" benchmarks/finetune_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/finetune.json
+"$PY" benchmarks/linear_probe.py --fashion-mnist "$FMNIST" --json docs/results/probe.json # its raw-pixel L-BFGS sweep is slow (3,072-d)
 "$PY" benchmarks/swin_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/swin.json
 "$PY" benchmarks/clip_zeroshot.py --fashion-mnist "$FMNIST" --json docs/results/clip.json
 # DETR on one thread: with two, each small op of its 128-d transformer waited on the busy second core
