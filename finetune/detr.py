@@ -27,10 +27,12 @@ from torchvision.ops import box_convert
 
 class Backbone(nn.Module):
     """A timm ViT or Swin built for any input size (`dynamic_img_size=True`: a ViT interpolates its position
-    embeddings to each input's patch grid, a Swin pads to its windows), giving its last feature map.
+    embeddings to each input's patch grid, a Swin pads to its windows), or one of the survey's backbones
+    (pretrain/models/backbones), giving its last feature map.
 
     forward(images [B, 3, H, W], mask [B, H, W] True on padding) -> (features [B, C, H/s, W/s], mask [B, H/s, W/s])
-    with s = `stride`; inputs whose sides are not multiples of s are padded (as padding, in the mask) first.
+    with s = `stride`; inputs whose sides are not multiples of the trunk's `size_multiple` (else s) are padded (as
+    padding, in the mask) first.
     The trunk sees the zero padding, as DETR's ResNet does; the transformer ignores it through the mask.
     """
 
@@ -39,11 +41,13 @@ class Backbone(nn.Module):
         self.trunk = trunk
         self.is_vit = hasattr(trunk, "num_prefix_tokens")  # timm VisionTransformer (and its DeiT / EVA kin)
         self.stride = int(trunk.feature_info[-1]["reduction"])
+        self.size_multiple = int(getattr(trunk, "size_multiple", self.stride))
+        self.channels_last = getattr(trunk, "output_fmt", "NHWC") == "NHWC"  # timm's Swin and ours; a CNN: NCHW
         self.num_channels = int(trunk.num_features)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = images.shape[-2:]
-        pad_h, pad_w = -height % self.stride, -width % self.stride
+        pad_h, pad_w = -height % self.size_multiple, -width % self.size_multiple
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
             mask = F.pad(mask, (0, pad_w, 0, pad_h), value=True)
@@ -52,8 +56,10 @@ class Backbone(nn.Module):
             tokens = self.trunk.forward_features(images)[:, self.trunk.num_prefix_tokens:]  # [B, h*w, C], normed
             tokens = getattr(self.trunk, "fc_norm", nn.Identity())(tokens)  # avg-pool ViTs norm here instead
             features = tokens.transpose(1, 2).reshape(len(images), -1, *grid)
-        else:
+        elif self.channels_last:
             features = self.trunk.forward_features(images).permute(0, 3, 1, 2)  # Swin: NHWC, normed
+        else:
+            features = self.trunk.forward_features(images)
         small_mask = F.interpolate(mask[:, None].float(), size=features.shape[-2:]).bool()[:, 0]
         return features, small_mask
 

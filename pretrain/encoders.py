@@ -5,6 +5,7 @@ image-tower initialisation get their trunk here, from an `EncoderConfig` (pretra
 
     our checkpoint, recognised by its metadata              ->  the timm model its encoder loads into
       "mae"        MAE's ViT, UM-MAE's / SimMIM's Swin      ->  VisionTransformer / SwinTransformer
+                   SimMIM's CrossFormer, DAT, MSwin, AA-ResNet ->  that backbone (pretrain/models/backbones)
       "clip"       a CLIP run, checkpoint or open_clip export ->  the timm image tower (trunk)
       "finetune"   a finetuned classifier                   ->  the classifier (head kept or replaced)
     a timm model name + any local weights file              ->  timm.create_model(name)
@@ -41,7 +42,8 @@ from .models import MODEL_REGISTRY, MaskedAutoencoderViT, create_model
 # the `objective` in the metadata of the weights files this project writes
 MAE_OBJECTIVE, CLIP_OBJECTIVE, CLASSIFIER_OBJECTIVE = "mae", "clip", "finetune"
 SPEC_KEY = "classifier"  # metadata key of a classifier's spec
-ACCEPTED = ("a masked-image pretraining checkpoint (MAE ViT, UM-MAE or SimMIM Swin), a CLIP run, checkpoint or "
+ACCEPTED = ("a masked-image pretraining checkpoint (MAE ViT, UM-MAE or SimMIM Swin, SimMIM CrossFormer / DAT / "
+            "MSwin / AA-ResNet), a CLIP run, checkpoint or "
             "open_clip export, or a finetuned classifier of this project")
 
 
@@ -87,6 +89,8 @@ def create_timm_model(spec: dict[str, Any], drop_path: float = 0.0) -> nn.Module
 
 def spec_for_pretrained(pretrained: nn.Module, image_size: int) -> dict[str, Any]:
     """The spec of the timm model that our pretraining model's encoder loads into, at `image_size`."""
+    if hasattr(pretrained, "timm_spec"):  # SimMIM over a registered backbone: its timm name and arguments
+        return pretrained.timm_spec()
     if hasattr(pretrained, "timm_vit_kwargs"):
         kwargs = {k: v for k, v in pretrained.timm_vit_kwargs().items() if k not in ("norm_layer", "global_pool")}
         return {"builder": "vit", "kwargs": {**kwargs, "img_size": image_size}}

@@ -1,4 +1,5 @@
-"""Pretraining models and a name -> factory registry.
+"""Pretraining models and a name -> factory registry; importing it registers the survey's backbones with timm
+(backbones/: crossformer_*, dat_*, mswin_*, aa_resnet*).
 
     model = create_model("mae_vit_base_patch16", img_size=192)
 """
@@ -12,7 +13,8 @@ import torch.nn as nn
 
 from .mae import MaskedAutoencoderViT, load_official_mae_checkpoint
 from .pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d
-from .simmim import SimMIMSwin
+from . import backbones  # noqa: F401  (registers CrossFormer, DAT, MSwin, AA-ResNet with timm)
+from .simmim import SimMIMBackbone, SimMIMSwin
 from .swin_mae import UniformMaskedAutoencoderSwin
 
 # Architectures as data. base/large/huge are the official MAE configurations (decoder 512-d, 8 blocks, 16 heads).
@@ -59,12 +61,26 @@ _SWIN_MAE_ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
     "simmim_swin_b_patch4": (SimMIMSwin, dict(_SWIN_B, mask_patch_size=32)),
 }  # fmt: skip
 
+# SimMIM over the survey's backbones (pretrain/models/backbones), by their timm names: 60% of the mask patches, which
+# are the last stage's stride at 224 (32 px) as SimMIM's Swin; 8 px on the 32-px CPU sizes (16 mask patches).
+_SIMMIM_BACKBONES: dict[str, dict] = {
+    "simmim_crossformer_cpu": dict(backbone="crossformer_cpu", img_size=32, mask_patch_size=8),
+    "simmim_crossformer_tiny": dict(backbone="crossformer_tiny", mask_patch_size=32),
+    "simmim_dat_cpu": dict(backbone="dat_cpu", img_size=32, mask_patch_size=8),
+    "simmim_dat_tiny": dict(backbone="dat_tiny", mask_patch_size=32),
+    "simmim_mswin_cpu": dict(backbone="mswin_cpu", img_size=32, mask_patch_size=8),
+    "simmim_mswin_tiny": dict(backbone="mswin_tiny", mask_patch_size=32),
+    "simmim_aa_resnet_cpu": dict(backbone="aa_resnet_cpu", img_size=32, mask_patch_size=8),
+    "simmim_aa_resnet50": dict(backbone="aa_resnet50", mask_patch_size=32),
+}
+
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
     name: partial(MaskedAutoencoderViT, **architecture) for name, architecture in _MAE_ARCHITECTURES.items()
 }
 MODEL_REGISTRY.update(
     {name: partial(model_class, **arch) for name, (model_class, arch) in _SWIN_MAE_ARCHITECTURES.items()}
 )
+MODEL_REGISTRY.update({name: partial(SimMIMBackbone, **arch) for name, arch in _SIMMIM_BACKBONES.items()})
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -88,6 +104,7 @@ def list_models() -> list[str]:
 __all__ = [
     "MODEL_REGISTRY",
     "MaskedAutoencoderViT",
+    "SimMIMBackbone",
     "SimMIMSwin",
     "UniformMaskedAutoencoderSwin",
     "create_model",

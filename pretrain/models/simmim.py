@@ -1,4 +1,5 @@
-"""SimMIM for a Swin Transformer (Xie et al. 2022, "SimMIM: A Simple Framework for Masked Image Modeling").
+"""SimMIM (Xie et al. 2022, "SimMIM: A Simple Framework for Masked Image Modeling") for Swin and for the survey's
+backbones (pretrain/models/backbones: CrossFormer, DAT, MSwin, the attention-augmented ResNet).
 
 Random mask patches (32x32 pixels, 60% of them: the paper's best setting for Swin) are replaced by a learned mask
 token right after the patch embedding; the Swin encoder runs over the full token grid; a linear head (the paper's
@@ -16,7 +17,12 @@ prediction for visible patches is there too, it is just not scored) and mask [N,
 to False; True scores MAE-style per-patch normalised targets instead (pred is then in that space and
 ``pred_to_pixels`` maps it back).
 
-The encoder is timm's Swin on the full image, windows and relative position tables exactly as timm builds them,
+``SimMIMBackbone`` runs the same objective over any backbone keeping that package's contract (``forward_embed``
+then ``forward_stages``). Their patch embeddings may overlap the patch borders (CrossFormer's 32-px kernel, a
+ResNet's 7x7 stem), so the masked pixels are zeroed before the embedding: what a visible token sees of a masked
+patch is the dataset mean, never its content.
+
+``SimMIMSwin``'s encoder is timm's Swin on the full image, windows and relative position tables exactly as timm builds them,
 named as in timm's ``SwinTransformer``: ``encoder_state_dict()`` loads into the matching
 ``swin_*_patch4_window7_224`` (224 px, window 7 here; the paper pretrains at 192 px with window 6 and finetunes at
 224 with window 7, interpolating the tables).
@@ -45,59 +51,27 @@ from .swin_mae import (
 )
 
 
-class SimMIMSwin(nn.Module):
-    """SimMIM: mask tokens on the full grid, Swin encoder, linear head + pixel shuffle, L1 on masked pixels."""
+class SimMIM(nn.Module):
+    """The objective: random mask patches, mask tokens on the full grid, a linear head + pixel shuffle from the last
+    stage, L1 on the masked pixels. Subclasses build the encoder and define ``forward_encoder``,
+    ``encoder_state_dict`` and ``no_weight_decay``."""
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        embed_dim: int = 96,
-        depths: Sequence[int] = (2, 2, 6, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int = 7,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.0,
-        mask_patch_size: int = 32,
-        mask_ratio: float = 0.6,
-        norm_pix_loss: bool = False,
-    ) -> None:
+    def __init__(self, img_size: int, in_chans: int, mask_patch_size: int, mask_ratio: float, norm_pix_loss: bool,
+                 embed_dim: int, token_stride: int, num_features: int, last_stride: int) -> None:
         super().__init__()
-        depths, num_heads = list(depths), list(num_heads)
-        self.config = dict(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depths=depths,
-            num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
-            mask_patch_size=mask_patch_size, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
-        )  # fmt: skip
         _check_mask_ratio(mask_ratio)
-        self.last_stride = check_swin_sizes(img_size, patch_size, depths, num_heads, mask_patch_size)
         self.img_size = img_size
-        self.patch_size = patch_size
         self.mask_patch_size = mask_patch_size
         self.in_chans = in_chans
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.grid_size = img_size // mask_patch_size  # mask patches a side: 7 at 224 / 32
         self.num_patches = self.grid_size**2
-        self.tokens_per_mask_patch = mask_patch_size // patch_size
-
-        # --- Encoder: timm's Swin over the whole image; masked tokens become the mask token ---
-        self.patch_embed, self.layers, self.norm = swin_encoder(
-            img_size, patch_size, in_chans, embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate
-        )
+        self.tokens_per_mask_patch = mask_patch_size // token_stride
+        self.last_stride = last_stride
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-
         # --- Prediction head: each last-stage feature -> its last_stride x last_stride pixels ---
-        self.pixel_head = nn.Linear(self.norm.normalized_shape[0], self.last_stride**2 * in_chans)
-
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """Swin's init (as SimMIM keeps it): trunc-normal 0.02 Linears with zero bias, LayerNorm 1/0, and the mask
-        token; relative position tables stay trunc-normal 0.02."""
-        trunc_normal_(self.mask_token, std=0.02)
-        self.apply(_init_swin)
+        self.pixel_head = nn.Linear(num_features, last_stride**2 * in_chans)
 
     # --- Patches <-> images (mask patches) ---
 
@@ -127,16 +101,22 @@ class SimMIMSwin(nn.Module):
         ranks = noise.argsort(dim=1).argsort(dim=1)
         return (ranks >= self.num_patches - num_masked).float()
 
+    def upsample_mask(self, mask: torch.Tensor, cells_per_patch: int) -> torch.Tensor:
+        """mask [N, L] -> [N, g*c, g*c, 1]: each mask patch's value repeated over its c x c cells (tokens, pixels)."""
+        side = self.grid_size
+        grid = mask.reshape(-1, side, side)
+        return grid.repeat_interleave(cells_per_patch, 1).repeat_interleave(cells_per_patch, 2).unsqueeze(-1)
+
+    def mask_tokens(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens [N, h, w, D] of the patch embedding: the masked ones become the mask token."""
+        masked = self.upsample_mask(mask, self.tokens_per_mask_patch).to(tokens.dtype)
+        return tokens * (1 - masked) + self.mask_token * masked
+
     # --- Encoder, head, loss ---
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W], mask: [N, L] -> latent [N, h, w, D], the last stage over the full image."""
-        x = self.patch_embed(imgs)  # [N, H/p, W/p, D]
-        t, side = self.tokens_per_mask_patch, self.grid_size
-        masked = mask.reshape(-1, side, side).repeat_interleave(t, 1).repeat_interleave(t, 2).unsqueeze(-1)
-        x = x * (1 - masked.to(x.dtype)) + self.mask_token * masked.to(x.dtype)
-        x = self.layers(x)
-        return self.norm(x)
+        raise NotImplementedError
 
     def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
         """latent [N, h, w, D] -> pred [N, L, p*p*C]: a linear map to pixels, pixel-shuffled into the image and
@@ -167,6 +147,56 @@ class SimMIMSwin(nn.Module):
         pred = self.forward_decoder(self.forward_encoder(imgs, mask))
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+
+class SimMIMSwin(SimMIM):
+    """SimMIM over timm's Swin (its weights under timm ``SwinTransformer``'s names)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        norm_pix_loss: bool = False,
+    ) -> None:
+        depths, num_heads = list(depths), list(num_heads)
+        _check_mask_ratio(mask_ratio)
+        last_stride = check_swin_sizes(img_size, patch_size, depths, num_heads, mask_patch_size)
+        super().__init__(img_size, in_chans, mask_patch_size, mask_ratio, norm_pix_loss, embed_dim=embed_dim,
+                         token_stride=patch_size, num_features=embed_dim * 2 ** (len(depths) - 1),
+                         last_stride=last_stride)
+        self.config = dict(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depths=depths,
+            num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+            mask_patch_size=mask_patch_size, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
+        )  # fmt: skip
+        self.patch_size = patch_size
+
+        # --- Encoder: timm's Swin over the whole image; masked tokens become the mask token ---
+        self.patch_embed, self.layers, self.norm = swin_encoder(
+            img_size, patch_size, in_chans, embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate
+        )
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Swin's init (as SimMIM keeps it): trunc-normal 0.02 Linears with zero bias, LayerNorm 1/0, and the mask
+        token; relative position tables stay trunc-normal 0.02."""
+        trunc_normal_(self.mask_token, std=0.02)
+        self.apply(_init_swin)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """imgs: [N, C, H, W], mask: [N, L] -> latent [N, h, w, D], the last stage over the full image."""
+        x = self.mask_tokens(self.patch_embed(imgs), mask)  # [N, H/p, W/p, D]; Swin's patches do not overlap
+        x = self.layers(x)
+        return self.norm(x)
+
     # --- Hooks used by the trainer, the optimizer and finetuning ---
 
     @torch.jit.ignore
@@ -185,6 +215,74 @@ class SimMIMSwin(nn.Module):
 
     def timm_swin_kwargs(self) -> dict[str, Any]:
         return timm_swin_kwargs(self.config)
+
+
+class SimMIMBackbone(SimMIM):
+    """SimMIM over a backbone of pretrain/models/backbones (any timm model with ``forward_embed``,
+    ``forward_stages``, ``patch_stride``, ``embed_dim``, ``feature_info``, ``output_fmt``), built by timm name;
+    its weights are ``encoder.*``, loadable into ``timm.create_model(backbone, num_classes=0, **backbone_kwargs)``."""
+
+    def __init__(
+        self,
+        backbone: str,
+        img_size: int = 224,
+        in_chans: int = 3,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        norm_pix_loss: bool = False,
+        drop_path_rate: float = 0.0,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        import timm
+
+        backbone_kwargs = dict(backbone_kwargs or {})
+        encoder = timm.create_model(backbone, pretrained=False, img_size=img_size, in_chans=in_chans, num_classes=0,
+                                    drop_path_rate=drop_path_rate, **backbone_kwargs)
+        token_stride, last_stride = int(encoder.patch_stride), int(encoder.feature_info[-1]["reduction"])
+        if mask_patch_size % token_stride or img_size % mask_patch_size:
+            raise ValueError(f"mask_patch_size {mask_patch_size} must be a multiple of {backbone}'s patch stride "
+                             f"{token_stride} and divide img_size {img_size}")
+        if img_size % encoder.size_multiple:
+            raise ValueError(f"{backbone} takes sides that are multiples of {encoder.size_multiple}, not {img_size}")
+        super().__init__(img_size, in_chans, mask_patch_size, mask_ratio, norm_pix_loss, embed_dim=encoder.embed_dim,
+                         token_stride=token_stride, num_features=encoder.num_features, last_stride=last_stride)
+        self.config = dict(
+            backbone=backbone, img_size=img_size, in_chans=in_chans, mask_patch_size=mask_patch_size,
+            mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, drop_path_rate=drop_path_rate,
+            backbone_kwargs=backbone_kwargs,
+        )  # fmt: skip
+        self.encoder = encoder  # keeps its own init (the official one); the mask token and head as SimMIM's
+        trunc_normal_(self.mask_token, std=0.02)
+        _init_swin(self.pixel_head)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """imgs: [N, C, H, W], mask: [N, L] -> latent [N, h, w, D], the last stage over the full image."""
+        visible = imgs * (1 - self.upsample_mask(mask, self.mask_patch_size).to(imgs.dtype).permute(0, 3, 1, 2))
+        x = self.mask_tokens(self.encoder.forward_embed(visible), mask)  # [N, H/s, W/s, D]
+        x = self.encoder.forward_stages(x)
+        return x.permute(0, 2, 3, 1) if self.encoder.output_fmt == "NCHW" else x
+
+    # --- Hooks used by the trainer, the optimizer and finetuning ---
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"} | {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's weights under its own (official) names."""
+        prefix = "encoder."
+        return {k[len(prefix):]: v for k, v in self.state_dict().items() if k.startswith(prefix)}
+
+    def timm_spec(self) -> dict[str, Any]:
+        """The spec (pretrain/encoders.py) of the timm model `encoder_state_dict()` loads into."""
+        kwargs = dict(self.config["backbone_kwargs"])
+        if self.in_chans != 3:
+            kwargs["in_chans"] = self.in_chans
+        return {"builder": "timm", "model_name": self.config["backbone"], "kwargs": kwargs}
 
 
 def _check_mask_ratio(mask_ratio: float) -> None:
