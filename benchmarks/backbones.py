@@ -87,13 +87,14 @@ def step_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, image
     return time.perf_counter() - start
 
 
-def speed_row(name: str, batch_size: int, repeats: int) -> dict:
+def speed_row(name: str, batch_size: int, repeats: int, img_size: int = IMG_SIZE) -> dict:
     """images/s of `name` and of its Swin, timed alternately in this process."""
     reference = PAPERS[name][3]
     torch.manual_seed(0)
-    models = {which: timm.create_model(which, num_classes=1000).train() for which in dict.fromkeys((name, reference))}
+    models = {which: timm.create_model(which, num_classes=1000, img_size=img_size).train()
+              for which in dict.fromkeys((name, reference))}
     optimizers = {which: torch.optim.AdamW(m.parameters(), lr=1e-4) for which, m in models.items()}
-    images, labels = torch.randn(batch_size, 3, IMG_SIZE, IMG_SIZE), torch.randint(0, 1000, (batch_size,))
+    images, labels = torch.randn(batch_size, 3, img_size, img_size), torch.randint(0, 1000, (batch_size,))
     times: dict[str, list[float]] = {which: [] for which in models}
     for which in models:  # warm-up
         step_seconds(models[which], optimizers[which], images, labels)

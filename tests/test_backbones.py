@@ -185,3 +185,16 @@ def test_detr_backbone_takes_batches_of_other_sizes_with_padding_masks(simmim_ru
     features, small_mask = backbone_model(images, mask)
     assert features.shape[:2] == (2, backbone_model.num_channels) and small_mask.shape == (2, *features.shape[-2:])
     assert small_mask[1, :, -1].all() and not small_mask[1, :, 0].any()  # image 1's padded right half
+
+
+def test_size_and_speed_benchmark_rows():
+    """benchmarks/backbones.py: CrossFormer-T's parameters and FLOPs against the paper's, and a speed row against
+    timm's Swin-T (one step of one image each: the figures exist and are positive; no timing is judged)."""
+    from benchmark_helpers import load_benchmark
+
+    bench = load_benchmark("backbones")
+    row = bench.size_row("crossformer_tiny")
+    assert abs(row["params_m"] - row["paper_params_m"]) < 0.1 and abs(row["gmacs"] - row["paper_gmacs"]) < 0.1
+    speed = bench.speed_row("crossformer_tiny", batch_size=1, repeats=1, img_size=64)
+    assert speed["reference"] == "swin_tiny_patch4_window7_224" and speed["images_per_s"] > 0
+    assert speed["ratio"] == pytest.approx(speed["images_per_s"] / speed["reference_images_per_s"])
