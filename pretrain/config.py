@@ -458,6 +458,12 @@ class CLIPModelConfig:
     # scoring its own rows against all (local_loss); together the same loss as one process over the global batch
     local_loss: bool = True
     gather_with_grad: bool = True
+    # FLIP: the share of the image tower's patch tokens dropped at random in training (not in evaluation), e.g. 0.5
+    # (a ViT tower: open_clip's patch_dropout, timm's patch_drop_rate; overrides the model config's)
+    patch_dropout: float = 0.0
+
+    def __post_init__(self):
+        check(0 <= self.patch_dropout < 1, f"'model.patch_dropout' must be in [0, 1), got {self.patch_dropout}")
 
 
 @dataclass
@@ -481,9 +487,3 @@ class CLIPPretrainConfig:
         check(not self.eval.enabled or (self.eval.zeroshot_shards or self.eval.shards or self.data.val) is not None,
               "'eval.zeroshot_shards' (labelled) or 'eval.shards' / 'data.val' (image-text pairs) must name what "
               "CLIP monitoring evaluates (eval.every_epochs / eval.every_steps is set)")
-        # Accumulating gradients over micro-batches would score each micro-batch only against its own negatives:
-        # a different (weaker) objective than one large batch. open_clip's accum_freq caches features instead;
-        # here it is refused rather than silently changing the loss.
-        check(self.train.grad_accum_steps == 1,
-              "'train.grad_accum_steps' must be 1 for CLIP: accumulating micro-batches changes the contrastive "
-              "negatives; raise train.batch_size or the number of processes instead")

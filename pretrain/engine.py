@@ -1,7 +1,8 @@
 """The one training loop every objective uses: backward, step, schedule, log, checkpoint, resume.
 
 What is trained is decided elsewhere: a *task* (`pretrain.tasks.Task`: `task(model, batch) -> {"loss": tensor,
-...}`, the other entries scalars to log) and an optional *evaluator* (`pretrain.evaluation.Evaluator`, called every
+...}`, the other entries scalars to log; or, for an objective that spans a step's micro-batches such as CLIP's,
+`task.step_micro_batches`) and an optional *evaluator* (`pretrain.evaluation.Evaluator`, called every
 few epochs or steps and after the last step; its metrics join that step's log line as "eval/<name>"), so the same
 loop runs MAE, CLIP, finetuning, distillation, DETR and linear probes. accelerate places the model, wraps it for DDP and applies mixed precision; the data stream splits itself
 across processes, and the loop only tells it how many batches it already consumed (`start_batch`) so a resumed run
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -217,6 +218,17 @@ def build_scheduler(optimizer, schedule: Schedule, min_lr: float):
     )
 
 
+def micro_step(accelerator, model: nn.Module,
+               forward: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One micro-batch: `forward()` -> {"loss": ..., ...}, then backward of loss / train.grad_accum_steps, both inside
+    accelerate's `accumulate` (DDP decides in the forward whether the backward reduces the gradients across
+    processes: only in the step's last micro-batch). Returns forward's outputs."""
+    with accelerator.accumulate(model):
+        outputs = forward()
+        accelerator.backward(outputs["loss"])
+    return outputs
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Each optimizer step reseeds torch from (seed, rank, step): masking noise and dropout are then a function of
     the step alone, so a resumed run draws exactly what the uninterrupted run would have drawn."""
@@ -329,18 +341,20 @@ class Trainer:
             while self.step < last_step:
                 torch.manual_seed(step_seed(cfg.seed, acc.process_index, self.step))
                 self.scheduler.step_update(self.step)
-                step_totals: dict[str, torch.Tensor] = {}
-                for _ in range(cfg.grad_accum_steps):
-                    batch = next(batches)
-                    skipped = batch.pop("skipped", None)
-                    window.add_skipped(skipped)
-                    batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v
-                             for k, v in batch.items()}
-                    with acc.accumulate(self.model):
-                        outputs = self.task(self.model, batch)
-                        acc.backward(outputs["loss"])
-                    for name, value in outputs.items():
-                        step_totals[name] = step_totals.get(name, 0) + value.detach().float() / cfg.grad_accum_steps
+                if self.task.takes_whole_step:  # e.g. CLIP: its negatives span the step's micro-batches
+                    micro_batches = [self._next_batch(batches, window) for _ in range(cfg.grad_accum_steps)]
+                    step_totals = self.task.step_micro_batches(self.model, micro_batches,
+                                                              partial(micro_step, acc, self.model))
+                    if not acc.sync_gradients:  # the optimizer would silently skip the step
+                        raise RuntimeError(f"{type(self.task).__name__}.step_micro_batches must call micro_step "
+                                           f"once per micro-batch ({cfg.grad_accum_steps})")
+                else:
+                    step_totals = {}
+                    for _ in range(cfg.grad_accum_steps):
+                        batch = self._next_batch(batches, window)
+                        outputs = micro_step(acc, self.model, partial(self.task, self.model, batch))
+                        for name, value in outputs.items():
+                            step_totals[name] = step_totals.get(name, 0) + value.detach().float() / cfg.grad_accum_steps
                 # the norm tells a diverging gradient from a diverging loss, before the update could spread NaNs into
                 # the weights (clip_grad=None: no clipping; one read of the gradients, ViT-B: ~0.06 s on one CPU core)
                 max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad is not None else float("inf")
@@ -397,6 +411,13 @@ class Trainer:
             return {"step": self.step, "total_steps": sched.total_steps, **last_record}
         finally:  # a run that stops early (an error, a signal) stops its data workers now, not at exit
             stop_reading(batches)
+
+    def _next_batch(self, batches: Iterator[dict[str, Any]], window: "_Window") -> dict[str, Any]:
+        """The next micro-batch, on the device; its count of unreadable samples goes to the log window."""
+        batch = next(batches)
+        window.add_skipped(batch.pop("skipped", None))
+        return {k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
 
     def _evaluate(self) -> dict[str, Any]:
         """Run the evaluator at the current step with the mean training loss since its last call (over processes).

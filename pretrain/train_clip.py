@@ -35,7 +35,10 @@ def run_clip(cfg: CLIPPretrainConfig) -> dict[str, Any]:
                           f"{cfg.model.open_clip_config} takes {image_size}x{image_size} images")
     run = setup_run(cfg, captions=True)
     accelerator, output_dir = run.accelerator, run.output_dir
-    model, name, model_config = create_clip(cfg.model.open_clip_config)
+    try:
+        model, name, model_config = create_clip(cfg.model.open_clip_config, patch_dropout=cfg.model.patch_dropout)
+    except ValueError as err:  # the config resolved above: what is left is a tower without patch dropout
+        raise ConfigError(f"'model.patch_dropout': {err}") from None
     if cfg.model.image_tower_checkpoint is not None:
         log.info("image tower from %s", init_image_tower(model, cfg.model.image_tower_checkpoint))
     if cfg.model.grad_checkpointing:

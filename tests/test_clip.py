@@ -99,9 +99,9 @@ def test_captions_command_turns_labelled_shards_into_pairs(tiny_shards, tmp_path
     assert first["txt"].decode() and "png" in first
 
 
-def test_clip_config_refuses_gradient_accumulation_and_keeps_its_own_defaults(tmp_path):
-    with pytest.raises(ConfigError, match="grad_accum_steps.*contrastive negatives"):
-        load_config(CLIPPretrainConfig, None, ["train.grad_accum_steps=2"])
+def test_clip_config_takes_gradient_accumulation_and_keeps_its_own_defaults(tmp_path):
+    # accumulation keeps the whole step's negatives (tests/test_clip_accumulation.py)
+    assert load_config(CLIPPretrainConfig, None, ["train.grad_accum_steps=2"]).train.grad_accum_steps == 2
     config = tmp_path / "clip.yaml"
     config.write_text("objective: clip\ndata:\n  image_size: 32\noptim:\n  weight_decay: 0.1\n")
     cfg = load_config(CLIPPretrainConfig, str(config), [])

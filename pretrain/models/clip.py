@@ -112,11 +112,19 @@ def ensure_registered(name: str, config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def create_clip(name_or_file: str) -> tuple[nn.Module, str, dict]:
+def create_clip(name_or_file: str, patch_dropout: float | None = None) -> tuple[nn.Module, str, dict]:
     """(open_clip CLIP model, config name, config dict). `pretrain.encoders.init_image_tower` then starts its timm
-    image tower from one of our checkpoints, where a run asks for it."""
+    image tower from one of our checkpoints, where a run asks for it. `patch_dropout` (FLIP): the share of the
+    image tower's patch tokens dropped in training mode, in place of the config's (None: the config's); a ViT
+    tower only (a Swin's windows need every patch). The config dict stays as given: exports carry no dropout."""
     name, config = resolve_model_config(name_or_file)
-    return open_clip.create_model(name, pretrained=None), name, config
+    try:
+        model = open_clip.create_model(name, pretrained=None, force_patch_dropout=patch_dropout)
+    except TypeError as err:  # a timm tower without timm's patch_drop_rate (Swin)
+        if "patch_drop" not in str(err):
+            raise
+        raise ValueError(f"the image tower of {name} takes no patch dropout ({err}); use a ViT tower") from None
+    return model, name, config
 
 
 def export_open_clip(model: nn.Module, name: str, config: dict, out_dir: str | Path, image_size: int,
