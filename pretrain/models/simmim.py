@@ -167,7 +167,6 @@ class SimMIMSwin(SimMIM):
         norm_pix_loss: bool = False,
     ) -> None:
         depths, num_heads = list(depths), list(num_heads)
-        _check_mask_ratio(mask_ratio)
         last_stride = check_swin_sizes(img_size, patch_size, depths, num_heads, mask_patch_size)
         super().__init__(img_size, in_chans, mask_patch_size, mask_ratio, norm_pix_loss, embed_dim=embed_dim,
                          token_stride=patch_size, num_features=embed_dim * 2 ** (len(depths) - 1),
