@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .swin_mae import (
+    init_swin_weights,
     SWIN_ENCODER_PREFIXES,
     check_swin_sizes,
     patch_targets,
@@ -188,7 +189,7 @@ class SimMIMSwin(SimMIM):
         """Swin's init (as SimMIM keeps it): trunc-normal 0.02 Linears with zero bias, LayerNorm 1/0, and the mask
         token; relative position tables stay trunc-normal 0.02."""
         trunc_normal_(self.mask_token, std=0.02)
-        self.apply(_init_swin)
+        self.apply(init_swin_weights)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W], mask: [N, L] -> latent [N, h, w, D], the last stage over the full image."""
@@ -252,7 +253,7 @@ class SimMIMBackbone(SimMIM):
         )  # fmt: skip
         self.encoder = encoder  # keeps its own init (the official one); the mask token and head as SimMIM's
         trunc_normal_(self.mask_token, std=0.02)
-        _init_swin(self.pixel_head)
+        init_swin_weights(self.pixel_head)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W], mask: [N, L] -> latent [N, h, w, D], the last stage over the full image."""
@@ -287,13 +288,3 @@ class SimMIMBackbone(SimMIM):
 def _check_mask_ratio(mask_ratio: float) -> None:
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-
-
-def _init_swin(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -422,6 +422,17 @@ def relative_position_tables(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if name.endswith("relative_position_bias_table")}
 
 
+def init_swin_weights(module: nn.Module) -> None:
+    """Swin's init: trunc-normal 0.02 Linears with zero bias, LayerNorm 1 / 0 (other modules keep their own)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 def init_linear_and_layernorm(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)

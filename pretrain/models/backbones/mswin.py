@@ -47,11 +47,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..swin_mae import init_swin_weights
 
 __all__ = ["MSwinTransformer", "PyramidWindowAttention", "SplitAttn", "checkpoint_filter_fn"]
 
@@ -286,7 +288,7 @@ class MSwinTransformer(nn.Module):
         # --- Head: global average pool + linear ---
         self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt="NHWC")
-        self.apply(_init_weights)
+        self.apply(init_swin_weights)  # Linears as Swin's; the relative position tables keep the official N(0, 1)
 
     # --- Forward: embedding, stages, head ---
 
@@ -348,17 +350,6 @@ class MSwinTransformer(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Linear layers as Swin's; the relative position tables keep the official standard normal."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
