@@ -200,11 +200,10 @@ def read_weights(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
     if path.suffix == ".safetensors":
         if verify:
             _verify_file(path)
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
+        metadata = read_weights_metadata(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
             return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"weights file {path} is damaged or not a safetensors file ({err})") from None
@@ -220,6 +219,21 @@ def read_weights(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
     if not tensors:
         raise CheckpointError(f"weights file {path} holds no tensors (keys: {sorted(state)[:8]})")
     return tensors, {}
+
+
+def read_weights_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors weights file (anything `resolve_weights_file` takes) without reading its
+    tensors: ours name the objective and model that wrote them. Other files: {}."""
+    path = resolve_weights_file(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"weights file {path} is damaged or not a safetensors file ({err})") from None
 
 
 # The normalisation statistics a model was trained with travel in its weights file's metadata (as timm's

@@ -415,6 +415,10 @@ class MonitorConfig:
 @dataclass
 class MAEModelConfig:
     name: str = "mae_vit_tiny_patch4"  # a registered factory, see `pretrain.models.list_models()`
+    # initial weights: a masked-image checkpoint of ours (run, checkpoint or weights file; also what
+    # `python -m finetune.export from-hf` writes), whose architecture replaces `name`; or an official MAE release
+    # (.pth, encoder only or full) for the architecture `name`. Continues pretraining; train.resume continues a run.
+    checkpoint: Optional[str] = None
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     grad_checkpointing: bool = False

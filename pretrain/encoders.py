@@ -35,7 +35,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .checkpoint import WEIGHTS_SUFFIXES, CheckpointError, read_weights, resolve_weights_file, state_dict_mismatch
+from .checkpoint import WEIGHTS_SUFFIXES, CheckpointError, read_weights, read_weights_metadata, resolve_weights_file
+from .checkpoint import state_dict_mismatch
 from .config import ConfigError, EncoderConfig
 from .models import MODEL_REGISTRY, MaskedAutoencoderViT, create_model
 
@@ -62,7 +63,7 @@ class Encoder:
 def create_timm_model(spec: dict[str, Any], drop_path: float = 0.0) -> nn.Module:
     """An untrained timm model from its spec:
     {"builder": "vit" | "swin" | "timm", "kwargs": {...}, "num_classes": int, "global_pool": str | None,
-     "distilled": bool (vit), "model_name": str (timm)}."""
+     "distilled": bool (vit), "norm_eps": float (vit, default 1e-6), "model_name": str (timm)}."""
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
@@ -75,7 +76,8 @@ def create_timm_model(spec: dict[str, Any], drop_path: float = 0.0) -> nn.Module
     builder = spec["builder"]
     if builder == "vit":  # shaped like our MAE encoders (pretrain/models/mae.py timm_vit_kwargs)
         vit = VisionTransformerDistilled if spec.get("distilled") else VisionTransformer
-        return vit(**spec["kwargs"], norm_layer=partial(nn.LayerNorm, eps=1e-6), **common)
+        norm_layer = partial(nn.LayerNorm, eps=spec.get("norm_eps", 1e-6))
+        return vit(**spec["kwargs"], norm_layer=norm_layer, **common)
     if builder == "swin":  # shaped like our Swin encoders (pretrain/models/swin_mae.py timm_swin_kwargs)
         return SwinTransformer(**spec["kwargs"], **common)
     if builder == "timm":
@@ -93,7 +95,9 @@ def spec_for_pretrained(pretrained: nn.Module, image_size: int) -> dict[str, Any
         return pretrained.timm_spec()
     if hasattr(pretrained, "timm_vit_kwargs"):
         kwargs = {k: v for k, v in pretrained.timm_vit_kwargs().items() if k not in ("norm_layer", "global_pool")}
-        return {"builder": "vit", "kwargs": {**kwargs, "img_size": image_size}}
+        spec = {"builder": "vit", "kwargs": {**kwargs, "img_size": image_size}}
+        norm_eps = pretrained.config.get("norm_eps", 1e-6)
+        return spec if norm_eps == 1e-6 else {**spec, "norm_eps": norm_eps}  # (older specs hold none: 1e-6)
     if hasattr(pretrained, "timm_swin_kwargs"):
         kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in pretrained.timm_swin_kwargs().items()}
         return {"builder": "swin", "kwargs": {**kwargs, "img_size": image_size}}
@@ -201,36 +205,45 @@ def checkpoint_kind(path: str | Path) -> Optional[str]:
     weights_file = resolve_weights_file(path)
     if weights_file.suffix != ".safetensors":
         return None
-    _, metadata = _read_metadata(weights_file)
+    metadata = read_weights_metadata(weights_file)
     return metadata.get("objective")
 
 
-def _read_metadata(weights_file: Path) -> tuple[Path, dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+def pretraining_architecture(path: str | Path) -> tuple[str, dict[str, Any], Path]:
+    """(registered model name, constructor arguments, weights file) of a `python -m pretrain` masked-image checkpoint,
+    from its metadata alone (no tensors read)."""
+    weights_file = resolve_weights_file(path)
+    metadata = read_weights_metadata(weights_file)
+    if metadata.get("objective") != MAE_OBJECTIVE or "model_config" not in metadata:
+        raise CheckpointError(f"{weights_file} is not a masked-image pretraining checkpoint of this project "
+                              f"(metadata: {sorted(metadata)})")
+    return metadata.get("model_name", ""), json.loads(metadata["model_config"]), weights_file
 
-    try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            return weights_file, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"weights file {weights_file} is damaged or not a safetensors file ({err})") from None
+
+def create_pretraining_model(name: str, config: dict[str, Any]) -> nn.Module:
+    """Our pretraining model `name` with constructor arguments `config`; a name we do not register (an imported
+    Hugging Face ViTMAE, finetune/export.py) is a MaskedAutoencoderViT."""
+    return create_model(name, **config) if name in MODEL_REGISTRY else MaskedAutoencoderViT(**config)
+
+
+def load_pretraining_weights(model: nn.Module, path: str | Path) -> Path:
+    """Load the weights of our masked-image checkpoint at `path` into `model` (the architecture must match: an error
+    lists what does not fit); returns the weights file."""
+    weights_file = resolve_weights_file(path)
+    state_dict, _ = read_weights(weights_file)
+    problem = state_dict_mismatch(model.state_dict(), state_dict)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {weights_file} does not fit the model ({type(model).__name__}): {problem}")
+    model.load_state_dict(state_dict)
+    return weights_file
 
 
 def pretraining_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Path]:
     """(our pretraining model of a `python -m pretrain` masked-image checkpoint, the weights file), rebuilt from the
     model name and constructor arguments in its metadata."""
-    weights_file = resolve_weights_file(path)
-    state_dict, metadata = read_weights(weights_file)
-    if metadata.get("objective") != MAE_OBJECTIVE or "model_config" not in metadata:
-        raise CheckpointError(f"{weights_file} is not a masked-image pretraining checkpoint of this project "
-                              f"(metadata: {sorted(metadata)})")
-    config = json.loads(metadata["model_config"])
-    name = metadata.get("model_name")
-    model = create_model(name, **config) if name in MODEL_REGISTRY else MaskedAutoencoderViT(**config)
-    problem = state_dict_mismatch(model.state_dict(), state_dict)
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {weights_file} does not fit the model ({type(model).__name__}): {problem}")
-    model.load_state_dict(state_dict)
-    return model, weights_file
+    name, config, _ = pretraining_architecture(path)
+    model = create_pretraining_model(name, config)
+    return model, load_pretraining_weights(model, path)
 
 
 def _clip_tower(cfg: EncoderConfig, image_size: Optional[int]

@@ -9,9 +9,12 @@ import torch
 
 from data import mae_train_transform
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, MAEPretrainConfig
+from .encoders import MAE_OBJECTIVE, checkpoint_kind, create_pretraining_model, load_pretraining_weights
+from .encoders import pretraining_architecture
 from .engine import Trainer
-from .models import create_model
+from .models import MaskedAutoencoderViT, create_model, load_official_mae_checkpoint
 from .monitor import knn_monitor
 from .run import first_images, setup_run
 from .tasks import MAETask
@@ -25,14 +28,44 @@ def model_metadata(model: torch.nn.Module, name: str, objective: str) -> dict[st
     return {"objective": objective, "model_name": name, "model_config": json.dumps(model.config)}
 
 
+def architecture(cfg: MAEPretrainConfig) -> tuple[str, dict[str, Any]]:
+    """(model name, constructor arguments): `model.name` at `data.image_size`, or the architecture recorded in
+    `model.checkpoint` when that is one of ours; the run's mask ratio and target choice either way."""
+    training = dict(norm_pix_loss=cfg.model.norm_pix_loss, mask_ratio=cfg.model.mask_ratio)
+    if cfg.model.checkpoint is None or checkpoint_kind(cfg.model.checkpoint) != MAE_OBJECTIVE:
+        return cfg.model.name, {"img_size": cfg.data.image_size, **training}
+    name, config, weights_file = pretraining_architecture(cfg.model.checkpoint)
+    if config.get("img_size", cfg.data.image_size) != cfg.data.image_size:
+        raise ConfigError(f"'model.checkpoint' {weights_file} was built for {config['img_size']}-px images, "
+                          f"'data.image_size' is {cfg.data.image_size}: set data.image_size={config['img_size']}")
+    return name, {**config, **training}
+
+
 def build_model(cfg: MAEPretrainConfig) -> torch.nn.Module:
     """The config's model; an unknown name or sizes that do not fit (an image not divisible by the patch) are a
     ConfigError naming the keys."""
-    try:
-        return create_model(cfg.model.name, img_size=cfg.data.image_size, norm_pix_loss=cfg.model.norm_pix_loss,
-                            mask_ratio=cfg.model.mask_ratio)
+    name, arguments = architecture(cfg)
+    recorded = cfg.model.checkpoint is not None and checkpoint_kind(cfg.model.checkpoint) == MAE_OBJECTIVE
+    try:  # a recorded name may be one this process does not register (an imported ViTMAE): its config suffices
+        return create_pretraining_model(name, arguments) if recorded else create_model(name, **arguments)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"'model.name' {cfg.model.name} with 'data.image_size' {cfg.data.image_size}: {err}") from None
+        raise ConfigError(f"'model.name' {name} with 'data.image_size' {cfg.data.image_size}: {err}") from None
+
+
+def load_initial_weights(model: torch.nn.Module, checkpoint: str) -> str:
+    """`model.checkpoint` into the freshly built model: ours through the one pretraining-weights loader, an
+    official MAE release through its key check (the decoder stays initialised when the file has none)."""
+    if checkpoint_kind(checkpoint) == MAE_OBJECTIVE:
+        return f"weights of {load_pretraining_weights(model, checkpoint)}"
+    if not isinstance(model, MaskedAutoencoderViT):
+        raise ConfigError(f"'model.checkpoint' {checkpoint} is not a masked-image checkpoint of this project; "
+                          f"other weights (an official MAE .pth) load into MAE ViTs only")
+    try:
+        loaded = load_official_mae_checkpoint(model, checkpoint)
+    except (CheckpointError, ValueError) as err:
+        raise ConfigError(f"'model.checkpoint': {err}") from None
+    decoder = "with its decoder" if loaded["decoder_loaded"] else "encoder only, decoder initialised"
+    return f"MAE weights of {checkpoint} ({decoder})"
 
 
 def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
@@ -41,12 +74,14 @@ def run_mae(cfg: MAEPretrainConfig) -> dict[str, Any]:
     run = setup_run(cfg)
     accelerator, output_dir, val_shards = run.accelerator, run.output_dir, run.val_shards
     model = build_model(cfg)
+    if cfg.model.checkpoint is not None:
+        log.info("starting from %s", load_initial_weights(model, cfg.model.checkpoint))
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
 
     transform = mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
     trainer = Trainer.from_config(cfg, run, model=model, task=MAETask(cfg.model.mask_ratio), transform=transform,
-                                  model_metadata=model_metadata(model, cfg.model.name, "mae"),
+                                  model_metadata=model_metadata(model, architecture(cfg)[0], "mae"),
                                   evaluator=knn_monitor(cfg, run))
     summary = trainer.fit()
 

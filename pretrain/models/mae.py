@@ -52,6 +52,7 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: bool = True,
         mask_ratio: float = 0.75,
         encoder_mask_tokens: bool = False,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         # Recorded so a checkpoint can rebuild the model: MaskedAutoencoderViT(**model.config).
@@ -59,7 +60,7 @@ class MaskedAutoencoderViT(nn.Module):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_pix_loss=norm_pix_loss,
-            mask_ratio=mask_ratio, encoder_mask_tokens=encoder_mask_tokens,
+            mask_ratio=mask_ratio, encoder_mask_tokens=encoder_mask_tokens, norm_eps=norm_eps,
         )  # fmt: skip
         _check_mask_ratio(mask_ratio)
         if img_size % patch_size:  # patchify cuts images into whole patches only
@@ -70,7 +71,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.mask_ratio = mask_ratio
         self.encoder_mask_tokens = encoder_mask_tokens
         self.grad_checkpointing = False
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        # MAE's LayerNorm epsilon; Hugging Face's ViTMAE ports keep their library's 1e-12 (finetune/hf_vit_mae.py)
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
 
         # --- Encoder: a standard ViT, run on the visible patches only ---
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -280,7 +282,7 @@ class MaskedAutoencoderViT(nn.Module):
         return dict(
             img_size=cfg["img_size"], patch_size=cfg["patch_size"], in_chans=cfg["in_chans"],
             embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
-            qkv_bias=True, class_token=True, global_pool="token", norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            qkv_bias=True, class_token=True, global_pool="token", norm_layer=partial(nn.LayerNorm, eps=cfg["norm_eps"]),
         )  # fmt: skip
 
 
