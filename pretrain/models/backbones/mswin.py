@@ -143,7 +143,7 @@ class SplitAttn(nn.Module):
         """[N, branches, C], positive and summing to 1 over the branches (fc2's output is branch-major)."""
         pooled = torch.stack(list(branches)).sum(0).mean((1, 2))  # [N, C]
         logits = self.fc2(self.act1(self.bn1(self.fc1(pooled))))
-        return logits.view(len(pooled), self.num_branches, self.input_dim).softmax(dim=1)
+        return logits.view(pooled.shape[0], self.num_branches, self.input_dim).softmax(dim=1)
 
     def forward(self, branches: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(branches) != self.num_branches:
