@@ -186,8 +186,12 @@ def export_onnx_folder(checkpoint: str | Path, out: Path, timm_model: str | None
                     ("text_encoder.onnx", CLIPTextTower(clip), tokens, "tokens", "text_features")]
         description = f"open_clip {name}"
     else:
-        cfg = EncoderConfig(source="timm" if timm_model else "mae", checkpoint=str(checkpoint),
-                            model_name=timm_model or EncoderConfig.model_name, global_pool=None, drop_path=0.0)
+        other_weights = {"source": "timm", "model_name": timm_model} if timm_model else {}
+        if timm_model and image_size is None:  # the size its timm config names (our checkpoints record theirs)
+            from timm.models import get_pretrained_cfg_value
+
+            image_size = (get_pretrained_cfg_value(timm_model, "input_size") or [None])[-1]
+        cfg = EncoderConfig(checkpoint=str(checkpoint), global_pool=None, drop_path=0.0, **other_weights)
         keep_head = kind == CLASSIFIER_OBJECTIVE  # a classifier exports whole: images -> logits
         encoder = build_encoder(cfg, image_size, keep_head=keep_head)
         size = image_size or encoder.spec["kwargs"].get("img_size") or _image_size_of(encoder.model)

@@ -165,6 +165,19 @@ def test_onnx_export_of_an_mae_encoder_through_the_cli(mae_run, tmp_path):
     assert "library_name: onnx" in card and "max |onnxruntime - torch|" in card
 
 
+def test_onnx_export_of_other_weights_by_their_timm_name(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), tmp_path / "weights.safetensors")
+    out = tmp_path / "onnx"
+    argv = ["onnx", str(tmp_path / "weights.safetensors"), "--timm-model", "test_resnet", "--out", str(out)]
+    assert export_main([*argv, "--image-size", "64"]) == 0
+    card = (out / "README.md").read_text()
+    assert "timm test_resnet" in card and "`images` [batch, 3, 64, 64] -> `features`" in card
+
+
 def test_onnx_export_of_a_clip_runs_two_towers(tmp_path, tiny_pair_shards, single_thread):
     pytest.importorskip("onnxruntime")
     from clip_helpers import train_tiny_clip, write_tiny_clip_config
