@@ -55,6 +55,9 @@ def read_run_record(weights_file: Path, metadata: dict[str, str], evals: list[st
         normalisation=recorded_normalisation(weights_file) or _config_normalisation(config or {}),
     )  # fmt: skip
     record.data = _data_summary(config or {}, run_dir)
+    for evaluation in evals:
+        if not (Path(evaluation) / METRICS_FILE).is_file():
+            raise ValueError(f"--eval {evaluation}: no {METRICS_FILE} there (an evaluation run's folder holds one)")
     sources = ([run_dir] if run_dir else []) + [Path(e) for e in evals]
     for source in sources:
         scalars = _scalar_metrics(source / METRICS_FILE)

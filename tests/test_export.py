@@ -189,7 +189,7 @@ def test_onnx_export_of_a_clip_runs_two_towers(tmp_path, tiny_pair_shards, singl
     assert "text_encoder.onnx" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("case", ["no config", "not ours", "not empty", "missing run"])
+@pytest.mark.parametrize("case", ["no config", "not ours", "not empty", "missing run", "eval without metrics"])
 def test_bad_input_is_one_line_and_exit_2(case, mae_run, tmp_path, capsys):
     out = tmp_path / "out"
     if case == "no config":
@@ -203,8 +203,10 @@ def test_bad_input_is_one_line_and_exit_2(case, mae_run, tmp_path, capsys):
         out.mkdir()
         (out / "keep.txt").write_text("mine")
         argv = ["hf", str(mae_run), "--out", str(out)]
-    else:
+    elif case == "missing run":
         argv = ["hf", str(tmp_path / "nothing"), "--out", str(out)]
+    else:
+        argv = ["hf", str(mae_run), "--out", str(out), "--eval", str(tmp_path)]
     assert export_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
