@@ -71,13 +71,19 @@ def test_encoder_mask_tokens_runs_the_encoder_over_the_full_grid():
 
 
 def test_train_compile_trains_like_eager_and_checkpoints_plain_weights(tmp_path, tiny_args, single_thread,
-                                                                      fresh_accelerate_state, monkeypatch):
+                                                                      fresh_accelerate_state):
     import torch._inductor.config as inductor_config
 
+    # compiled torch.rand draws eager's masks; torch's own patch, as monkeypatch's undo deleted the setting for
+    # good (torch.export reads it later, e.g. the ONNX export tests)
+    with inductor_config.patch(fallback_random=True):
+        _compiled_and_eager_runs(tmp_path, tiny_args)
+
+
+def _compiled_and_eager_runs(tmp_path, tiny_args):
     from pretrain.checkpoint import find_latest, read_weights
     from pretrain.cli import main
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # compiled torch.rand draws eager's masks
     losses, weights = {}, {}
     for name, compile_flag in (("eager", "false"), ("compiled", "true")):
         out = tmp_path / name
