@@ -165,6 +165,25 @@ def test_onnx_export_of_an_mae_encoder_through_the_cli(mae_run, tmp_path):
     assert "library_name: onnx" in card and "max |onnxruntime - torch|" in card
 
 
+def test_onnx_export_of_a_finetuned_classifier_gives_its_logits(mae_run, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from pretrain.checkpoint import save_weights
+    from pretrain.encoders import CLASSIFIER_OBJECTIVE, SPEC_KEY
+
+    # a classifier's weights file as finetuning writes it (finetune/classify.py): its spec rebuilds the model
+    classifier = build_encoder(EncoderConfig(checkpoint=str(mae_run), drop_path=0.0), 16, num_classes=10)
+    save_weights(tmp_path / "best" / "model.safetensors", classifier.model.state_dict(),
+                 {"objective": CLASSIFIER_OBJECTIVE, SPEC_KEY: json.dumps(classifier.spec)})
+    out = tmp_path / "onnx"
+    assert export_main(["onnx", str(tmp_path / "best"), "--out", str(out)]) == 0
+    images, _ = _images_and_noise()
+    session = onnxruntime.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), classifier.model.eval()(images), atol=1e-4, rtol=0)
+    assert logits.shape == (3, 10) and "-> `logits`" in (out / "README.md").read_text()
+
+
 def test_onnx_export_of_other_weights_by_their_timm_name(tmp_path):
     pytest.importorskip("onnxruntime")
     import timm
