@@ -155,8 +155,11 @@ _HF_MAE_DEFAULTS: dict[str, Any] = dict(
 def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor], depth: int, decoder_depth: int
                        ) -> dict[str, torch.Tensor]:
     """ViTMAEForPreTraining's weights (Hub layout or transformers 5's names) -> our MAE's. A checkpoint without the
-    decoder (an encoder-only release) gives the encoder's keys only. A missing key is a KeyError naming it."""
+    decoder (a ViTMAEModel, an encoder-only release) gives the encoder's keys only. A missing key is a KeyError
+    naming it."""
     hf = {_hub_name(key): value for key, value in state_dict.items()}
+    if not any(key.startswith("vit.") for key in hf):  # a ViTMAEModel's own folder: the encoder, unprefixed
+        hf = {f"vit.{key}": value for key, value in hf.items()}
     out = {ours: hf[f"vit.{theirs}"] for ours, theirs in _EMBEDDINGS}
     for i in range(depth):
         out.update(_block_from_hf(hf, f"vit.encoder.layer.{i}.", f"blocks.{i}."))

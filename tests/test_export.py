@@ -142,6 +142,18 @@ def test_hf_import_gives_the_same_outputs_and_feeds_pretraining_and_heads(tmp_pa
     assert json.loads(continued["model_config"])["depth"] == 2 and continued["model_name"] == "hf_vit_mae"
 
 
+def test_hf_import_of_an_encoder_alone_keeps_our_decoder_initialised(tmp_path):
+    hf = _small_hf_mae(tmp_path / "full")
+    hf.vit.save_pretrained(tmp_path / "encoder")  # a ViTMAEModel: no decoder, no "vit." prefix
+    assert export_main(["from-hf", str(tmp_path / "encoder"), "--out", str(tmp_path / "ours")]) == 0
+    ours, _ = pretraining_model_from_checkpoint(tmp_path / "ours")
+    full = tmp_path / "full_ours"
+    assert export_main(["from-hf", str(tmp_path / "full"), "--out", str(full)]) == 0
+    expected = pretraining_model_from_checkpoint(full)[0].encoder_state_dict()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in expected.items())
+    assert "the file has no decoder: it is freshly initialised" in (tmp_path / "ours" / "README.md").read_text()
+
+
 def test_ours_to_hf_and_back_is_the_identity(mae_run, tmp_path):
     assert export_main(["hf", str(mae_run), "--out", str(tmp_path / "hf")]) == 0
     assert export_main(["from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
