@@ -28,24 +28,24 @@ def model_metadata(model: torch.nn.Module, name: str, objective: str) -> dict[st
     return {"objective": objective, "model_name": name, "model_config": json.dumps(model.config)}
 
 
-def architecture(cfg: MAEPretrainConfig) -> tuple[str, dict[str, Any]]:
-    """(model name, constructor arguments): `model.name` at `data.image_size`, or the architecture recorded in
-    `model.checkpoint` when that is one of ours; the run's mask ratio and target choice either way."""
+def architecture(cfg: MAEPretrainConfig) -> tuple[str, dict[str, Any], bool]:
+    """(model name, constructor arguments, whether they are recorded in a checkpoint): `model.name` at
+    `data.image_size`, or the architecture recorded in `model.checkpoint` when that is one of ours; the run's mask
+    ratio and target choice either way."""
     training = dict(norm_pix_loss=cfg.model.norm_pix_loss, mask_ratio=cfg.model.mask_ratio)
     if cfg.model.checkpoint is None or checkpoint_kind(cfg.model.checkpoint) != MAE_OBJECTIVE:
-        return cfg.model.name, {"img_size": cfg.data.image_size, **training}
+        return cfg.model.name, {"img_size": cfg.data.image_size, **training}, False
     name, config, weights_file = pretraining_architecture(cfg.model.checkpoint)
     if config.get("img_size", cfg.data.image_size) != cfg.data.image_size:
         raise ConfigError(f"'model.checkpoint' {weights_file} was built for {config['img_size']}-px images, "
                           f"'data.image_size' is {cfg.data.image_size}: set data.image_size={config['img_size']}")
-    return name, {**config, **training}
+    return name, {**config, **training}, True
 
 
 def build_model(cfg: MAEPretrainConfig) -> torch.nn.Module:
     """The config's model; an unknown name or sizes that do not fit (an image not divisible by the patch) are a
     ConfigError naming the keys."""
-    name, arguments = architecture(cfg)
-    recorded = cfg.model.checkpoint is not None and checkpoint_kind(cfg.model.checkpoint) == MAE_OBJECTIVE
+    name, arguments, recorded = architecture(cfg)
     try:  # a recorded name may be one this process does not register (an imported ViTMAE): its config suffices
         return create_pretraining_model(name, arguments) if recorded else create_model(name, **arguments)
     except (ValueError, TypeError) as err:
