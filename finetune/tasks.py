@@ -57,6 +57,10 @@ class FinetuneTask(Task):
             losses["accuracy"] = (class_logits.argmax(dim=1) == labels).float().mean()
         return losses
 
+    @property
+    def after_step_needs_applied_update(self) -> bool:
+        return self.ema is not None  # the EMA and its decay warm-up count applied updates only
+
     def after_optimizer_step(self, model: nn.Module) -> None:
         self.updates += 1
         if self.ema is not None:

@@ -18,6 +18,7 @@ import random
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -197,6 +198,13 @@ def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
     return [group for group in groups if group["params"]]
 
 
+def checks_read_late(device: torch.device) -> int:
+    """How many steps after a step the host reads its flags when the optimizer skips non-finite updates itself: on
+    an accelerator one, so that the host queues the next step while the device runs this one; on the CPU the flags
+    are ready as soon as computed, so at once."""
+    return 0 if device.type == "cpu" else 1
+
+
 def compile_for_training(model: nn.Module) -> nn.Module:
     """`train.compile`: torch.compile (inductor) of the whole model. Returns the compiled wrapper, which shares the
     module's parameters; the module itself stays eager (its state_dict keys are unchanged)."""
@@ -280,6 +288,16 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.step = 0
         self.nonfinite_skips = 0  # updates skipped for a non-finite loss or gradient (train.max_nonfinite_skips)
+        # Each step's update is skipped on any process's non-finite loss or gradient. A fused optimizer (AdamW) skips
+        # it on the device (its found_inf input, as under a grad scaler), so the host need not wait for the device:
+        # on an accelerator it reads each step's flags (skip counts, signals) one step later, or at once before a
+        # log line or a checkpoint. Otherwise (LARS/SGD, fp16's scaler, a task hook that must not see a skipped
+        # update such as an EMA) the host reads the flags every step and decides.
+        self._skips_on_device = (getattr(self._torch_optimizer, "_step_supports_amp_scaling", False)
+                                 and getattr(acc, "scaler", None) is None and not task.after_step_needs_applied_update)
+        self._check_lag = checks_read_late(acc.device) if self._skips_on_device else 0
+        self._pending_checks: deque[_StepCheck] = deque()
+        self._agreed_signum = 0  # a SIGTERM/SIGINT that some process received, as the step checks read so far say
         # this process's sum and count of step losses since the last evaluation (the train_loss it records), kept
         # on the device so that adding a step's loss never waits for the device
         sum_dtype = torch.float32 if acc.device.type == "mps" else torch.float64
@@ -361,24 +379,33 @@ class Trainer:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
                 if grad_norm is not None:
                     step_totals["grad_norm"] = grad_norm.detach().float()
-                loss_bad, grad_bad, agreed_signum = self._step_flags(step_totals["loss"], grad_norm, stop_signal.signum)
-                update = not (loss_bad or grad_bad)
-                if update:
+                flags = self._step_flags(step_totals["loss"], grad_norm, stop_signal.signum)
+                self._queue_check(flags, step_totals["loss"], grad_norm)
+                if self._skips_on_device:
+                    skip = (flags[:2].amax() > 0).float()
+                    self._torch_optimizer.found_inf = skip  # fused AdamW leaves weights and moments as they were
                     self.optimizer.step()
-                else:  # raises unless train.max_nonfinite_skips allows skipping this update
-                    self._skip_nonfinite(step_totals["loss"], grad_norm, loss_bad)
+                    applied = skip == 0
+                    self._settle_checks(keep=self._check_lag)  # may raise: train.max_nonfinite_skips is spent
+                    run_hook = True  # harmless after a skipped update (Task.after_step_needs_applied_update)
+                else:
+                    run_hook = self._settle_checks()  # may raise: train.max_nonfinite_skips is spent
+                    if run_hook:
+                        self.optimizer.step()
+                    applied = torch.tensor(run_hook, device=acc.device)
                 self.optimizer.zero_grad(set_to_none=True)
-                if update:  # e.g. CLIP clamps its temperature, finetuning updates its EMA
+                if run_hook:  # e.g. CLIP clamps its temperature, finetuning updates its EMA
                     self.task.after_optimizer_step(self.unwrapped_model)
-                    self._loss_since_eval[0] += step_totals["loss"].to(self._loss_since_eval.dtype)
-                    self._loss_since_eval[1] += 1
+                loss = step_totals["loss"].to(self._loss_since_eval.dtype)
+                self._loss_since_eval += torch.stack([torch.where(applied, loss, 0), applied.to(loss.dtype)])
                 self.step += 1
-                window.add_step(step_totals, sched.global_batch, applied=update)
+                window.add_step(step_totals, sched.global_batch, applied=applied)
                 progress.update(1)
 
                 evaluate = self.evaluator is not None and (
                     self.step == last_step or self.evaluator.due(self.step, sched.steps_per_epoch))
                 if evaluate or self.step % cfg.log_every == 0 or self.step == last_step:
+                    self._settle_checks()  # the line counts every skipped update so far
                     record = self._window_record(window)  # timed before the evaluation, which is not training
                     if evaluate:
                         if self.step == last_step:
@@ -389,8 +416,9 @@ class Trainer:
                 saved = self.step % cfg.save_every == 0 or self.step == last_step
                 if saved:
                     self.save()
-                # pre-emption: the processes agreed on the signal in _step_flags, so they all stop after the same step
-                signum = agreed_signum if acc.num_processes > 1 else stop_signal.signum
+                # pre-emption: the processes agreed on the signal through the step checks (read at the same steps on
+                # every process), so they all stop after the same step
+                signum = self._agreed_signum if acc.num_processes > 1 else stop_signal.signum
                 if signum and self.step < last_step:
                     if acc.is_main_process:
                         log.warning("%s received: saving step %d and stopping (a second signal stops at once, unsaved)",
@@ -401,6 +429,7 @@ class Trainer:
                     if wandb_run is not None:
                         wandb_run.finish()
                     raise TrainingInterrupted(signum, self.step, self.checkpoints_dir / checkpoint_name(self.step))
+            self._settle_checks()
             stop_reading(batches)
             progress.close()
             if self.evaluator is not None and self.evaluator.last_step != self.step:  # resumed at the last step
@@ -439,10 +468,16 @@ class Trainer:
                 and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
     # ------------------------------------------------------------------------------------------------------------
-    def _step_flags(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], signum: int) -> tuple[bool, bool, int]:
-        """(non-finite loss, non-finite gradient, signal received) on any process: one tiny all-reduce (max) when
-        there are several, so that all stop, skip or save together instead of hanging in a collective. With fp16's
-        grad scaler, infinite gradients are routine (the scaler skips the step and lowers its scale): not checked."""
+    @property
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        """torch's optimizer inside accelerate's wrapper."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _step_flags(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], signum: int) -> torch.Tensor:
+        """[non-finite loss, non-finite gradient, signal received] on any process, on the device: one tiny all-reduce
+        (max) when there are several, so that all stop, skip or save together instead of hanging in a collective.
+        With fp16's grad scaler, infinite gradients are routine (the scaler skips the step and lowers its scale): not
+        checked."""
         check_grad = grad_norm is not None and getattr(self.accelerator, "scaler", None) is None
         flags = torch.stack([
             (~torch.isfinite(loss)).float().reshape(()),
@@ -451,18 +486,41 @@ class Trainer:
         ])
         if self.accelerator.num_processes > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        loss_bad, grad_bad, agreed = flags.tolist()
-        return loss_bad > 0, grad_bad > 0, int(agreed)
+        return flags
 
-    def _skip_nonfinite(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], loss_bad: bool) -> None:
+    def _queue_check(self, flags: torch.Tensor, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> None:
+        """Queue the flags of the step being computed for the host; on an accelerator whose host reads them later,
+        start copying them now, so that reading them then waits for that copy only, not for the steps queued since."""
+        ready = None
+        if self._check_lag and flags.device.type != "cpu":
+            flags = flags.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+            ready = torch.Event(device=self.accelerator.device)
+            ready.record()
+        self._pending_checks.append(_StepCheck(self.step + 1, flags, ready, loss, grad_norm))
+
+    def _settle_checks(self, keep: int = 0) -> bool:
+        """Read the queued step checks, all but the newest `keep`: count each skipped update within
+        `train.max_nonfinite_skips` (beyond it, raise NonFiniteLossError) and note an agreed signal. Returns whether
+        the last step read had a finite loss and gradient (True when none was read)."""
+        finite = True
+        while len(self._pending_checks) > keep:
+            check = self._pending_checks.popleft()
+            loss_bad, grad_bad, signum = check.read()
+            self._agreed_signum = max(self._agreed_signum, signum)
+            finite = not (loss_bad or grad_bad)
+            if not finite:
+                self._skip_nonfinite(check, loss_bad)
+        return finite
+
+    def _skip_nonfinite(self, check: "_StepCheck", loss_bad: bool) -> None:
         """Count a skipped update within `train.max_nonfinite_skips`; beyond it, stop naming the step and cause."""
-        step = self.step + 1  # the step being computed, numbered as in log.jsonl and checkpoint names
-        where = f"at step {step} (epoch {step / self.schedule.steps_per_epoch:.2f})"
+        where = f"at step {check.step} (epoch {check.step / self.schedule.steps_per_epoch:.2f})"
         if loss_bad:
-            value = loss.item()
+            value = check.loss.item()
             cause = f"non-finite loss ({value if not math.isfinite(value) else 'on another process'})"
         else:
-            cause = f"non-finite gradient (grad norm {grad_norm.item()}; the loss {loss.item():.6g} was finite)"
+            cause = (f"non-finite gradient (grad norm {check.grad_norm.item()}; the loss {check.loss.item():.6g} was "
+                     f"finite)")
         budget = self.train_cfg.max_nonfinite_skips
         if self.nonfinite_skips < budget:
             self.nonfinite_skips += 1
@@ -483,8 +541,9 @@ class Trainer:
     def _window_record(self, window: "_Window") -> dict[str, Any]:
         """The log line of the steps since the last one: their mean values (over processes), lr, throughput."""
         acc = self.accelerator
-        values = {name: total / window.steps for name, total in window.totals.items()}
-        if not window.steps:  # every update of the window was skipped (non-finite)
+        steps = float(window.steps)
+        values = {name: total / steps for name, total in window.totals.items()}
+        if not steps:  # every update of the window was skipped (non-finite)
             values = {"loss": torch.tensor(float("nan"))}
         if acc.num_processes > 1:
             values = {k: acc.reduce(v.to(acc.device), reduction="mean") for k, v in values.items()}
@@ -533,6 +592,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def save(self) -> Optional[Path]:
         """Write a checkpoint of the current step (main process only)."""
+        self._settle_checks()  # a checkpoint after a non-finite step beyond the skip budget is never written
         acc = self.accelerator
         acc.wait_for_everyone()
         model_state, optimizer_state = self._full_states()
@@ -630,22 +690,40 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
 
 
+@dataclass
+class _StepCheck:
+    """What the host learns of a step after the fact: its flags (`Trainer._step_flags`; on an accelerator a copy
+    to the host that is done once `ready` is), with its number, loss and gradient norm for the messages."""
+    step: int
+    flags: torch.Tensor
+    ready: Optional[torch.Event]
+    loss: torch.Tensor
+    grad_norm: Optional[torch.Tensor]
+
+    def read(self) -> tuple[bool, bool, int]:
+        """(non-finite loss, non-finite gradient, signal number or 0), over all processes."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss_bad, grad_bad, signum = self.flags.tolist()
+        return loss_bad > 0, grad_bad > 0, int(signum)
+
+
 class _Window:
-    """Running sums between two log lines."""
+    """Running sums between two log lines, on the device (read once, for the line)."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.totals: dict[str, torch.Tensor] = {}
-        self.steps = 0
+        self.steps: Any = 0  # applied updates: a device tensor after the first step
         self.samples = 0
         self.skipped: dict[str, int] = {}
 
-    def add_step(self, values: dict[str, torch.Tensor], global_batch: int, applied: bool = True) -> None:
-        """`applied=False`: a skipped update (non-finite), whose samples count but whose values would poison the means."""
-        if applied:
-            for name, value in values.items():
-                self.totals[name] = self.totals.get(name, 0) + value
-            self.steps += 1
+    def add_step(self, values: dict[str, torch.Tensor], global_batch: int, applied: torch.Tensor) -> None:
+        """`applied` (a 0-d bool tensor) false: a skipped update (non-finite), whose samples count but whose values
+        would poison the means."""
+        for name, value in values.items():
+            self.totals[name] = self.totals.get(name, 0) + torch.where(applied, value, 0)
+        self.steps = self.steps + applied.long()
         self.samples += global_batch
 
     def add_skipped(self, counts: Optional[dict[str, int]]) -> None:

@@ -26,13 +26,16 @@ class Task:
       micro-batches per step the engine runs them one after the other, logging the mean of their outputs.
     - `takes_whole_step = True` and `step_micro_batches(model, batches, micro_step)` instead: a task whose objective
       spans all the micro-batches of a step (CLIP's contrastive negatives) gets them together.
-    - `after_optimizer_step(model)`: after every applied update (skipped updates excluded), on the unwrapped model:
-      e.g. CLIP clamps its temperature, finetuning updates its weight EMA.
+    - `after_optimizer_step(model)`: after every optimizer step, on the unwrapped model: e.g. CLIP clamps its
+      temperature, finetuning updates its weight EMA. A step whose update was skipped (a non-finite loss or gradient)
+      may run it too, the model unchanged, unless `after_step_needs_applied_update` is true (an EMA, which would move
+      towards unchanged weights): then the engine decides each update on the host, waiting for the device each step.
     - `state_dict()` / `load_state_dict(state)`: what the task carries from step to step (tensors and plain values
       only), saved in each checkpoint's train_state.pt and restored on resume, so a resumed run is exact.
     """
 
     takes_whole_step = False
+    after_step_needs_applied_update = False
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

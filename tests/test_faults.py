@@ -441,6 +441,49 @@ def test_the_skip_budget_skips_and_counts_non_finite_steps_then_stops(tmp_path, 
     assert f"The last good checkpoint is {checkpoint(out, 4)}." in line
 
 
+def test_checks_read_a_step_late_change_nothing(tmp_path, tiny_args, monkeypatch, capsys):
+    """On an accelerator the host reads each step's non-finite / signal flags one step late (no device sync per
+    step) while fused AdamW skips a bad update on the device. Forced here on the CPU: the same weights, optimizer
+    state, skip count and log lines as reading at once; the flags were read late between log lines; and a spent
+    budget still names the step that was bad."""
+    import pretrain.engine as engine
+
+    monkeypatch.setattr(Diverging, "faults", {3: "loss", 6: "gradient"})
+    monkeypatch.setattr("pretrain.train_mae.MAETask", Diverging)
+    settled = []  # (step, checks left unread) after each reading in the loop
+    settle = engine.Trainer._settle_checks
+
+    def spy(self, keep=0):
+        finite = settle(self, keep)
+        settled.append((self.step, len(self._pending_checks)))
+        return finite
+
+    monkeypatch.setattr(engine.Trainer, "_settle_checks", spy)
+    args = ("train.save_every=4", "train.log_every=4", "train.max_nonfinite_skips=2")
+    at_once, late = tmp_path / "at_once", tmp_path / "late"
+    train(tiny_args(at_once, *args))
+    assert all(left == 0 for _, left in settled)
+    monkeypatch.setattr(engine, "checks_read_late", lambda device: 1)
+    settled.clear()
+    train(tiny_args(late, *args))
+    assert (2, 1) in settled and (4, 0) in settled  # step 3's flags were read after step 4's update
+
+    for step in (4, 8):  # tiny_args: 8 steps
+        assert_same_weights(checkpoint(late, step), checkpoint(at_once, step))
+        late_state, at_once_state = load_train_state(checkpoint(late, step)), load_train_state(checkpoint(at_once, step))
+        assert late_state["nonfinite_skips"] == at_once_state["nonfinite_skips"] == (1 if step == 4 else 2)
+        for a, b in zip(late_state["optimizer"]["state"].values(), at_once_state["optimizer"]["state"].values()):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    drop_timing = lambda records: [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+    assert drop_timing(read_log(late)) == drop_timing(read_log(at_once))
+
+    out = tmp_path / "spent"
+    assert main(tiny_args(out, "train.save_every=4", "train.log_every=4")) == 3
+    line = error_line(capsys)
+    assert "non-finite loss (nan) at step 3 (epoch" in line
+    assert not (out / "checkpoints" / "step_00000004").exists()
+
+
 def test_skip_budget_must_not_be_negative():
     from pretrain.config import ConfigError
 
