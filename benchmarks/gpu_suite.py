@@ -38,7 +38,13 @@ Rows of the table (the same figures, and the machine, in --json):
    On CPU accelerate makes no FSDP (it enables FSDP only for GPU-class devices; a CPU launch of the FSDP config runs
    as MULTI_CPU): the default there is the same sequence in this process, one process, no sharding, as stated in the
    row (`--fsdp-launch accelerate` launches it anyway).
-3. What `train.mixed_precision: auto` resolves to here (`pretrain.run.resolve_precision`), and why.
+3. The engine's loop without a device sync per step: the same tiny MAE (`--loop-epochs` 8 epochs: 64 steps of 8,
+   bf16 where `auto` picks it) through `pretrain.cli.main` in this process, the host reading each step's non-finite
+   and signal flags one step late (`pretrain.engine.checks_read_late`: the default on an accelerator, fused AdamW
+   skipping a bad update on the device) against at once (a sync every step): images/s of each (the better of two
+   alternating runs, each the median of its logged per-epoch rates after the first epoch) and whether both end with
+   the same weights, bit for bit. On the CPU both read at once by default; the row forces the late reading there, to check it runs.
+4. What `train.mixed_precision: auto` resolves to here (`pretrain.run.resolve_precision`), and why.
 
 Order: the eager rows, the resume check, then the compiled rows, the longest part (inductor compiles each model for
 one to two minutes), each started only while less than `--budget-s` (360 s) has passed, so that the whole command
@@ -501,6 +507,45 @@ def fsdp_resume_check(args, device: torch.device, work: Path) -> dict[str, Any]:
     return result
 
 
+# ------------------------------------------------------------------------------------------------ engine loop
+
+
+def step_check_loop(args, device: torch.device, work: Path) -> dict[str, Any]:
+    """Row 3: the tiny MAE's whole run with the step flags read one step late against at once."""
+    import pretrain.engine as engine
+
+    shards = work / "shards" if (work / "shards").is_dir() else write_tiny_shards(work / "shards")
+    steps = TOTAL_STEPS * args.loop_epochs
+    result: dict[str, Any] = {"model": f"mae_vit_tiny_patch4 ({TINY_SIZE} px)", "batch_size": TINY_BATCH,
+                              "steps": steps, "error": None, "images_per_s": {"at_once": [], "late": []}}
+    default = engine.checks_read_late
+    finals = {}
+    try:
+        for repeat in range(2):
+            for mode, lag in (("at_once", 0), ("late", 1)):
+                engine.checks_read_late = lambda device, lag=lag: lag
+                out = work / f"loop_{mode}_{repeat}"
+                done = run_inprocess(f"loop_{mode}", tiny_run_overrides(
+                    out, shards, "auto", f"train.epochs={args.loop_epochs}", f"train.log_every={TOTAL_STEPS}",
+                    f"train.save_every={steps}"), out)
+                if done.exit_code != 0:
+                    result["error"] = f"the {mode} run exited {done.exit_code}"
+                    return result
+                # a log line per epoch; the first epoch's (start-up, warm-up) is left out where there are more
+                records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+                rates = [r["images_per_s"] for r in records[1:] or records]
+                result["images_per_s"][mode].append(statistics.median(rates))
+                finals.setdefault(mode, out / "checkpoints" / checkpoint_name(steps))
+    finally:
+        engine.checks_read_late = default
+    best = {mode: max(rates) for mode, rates in result["images_per_s"].items()}
+    result.update(best_images_per_s=best, late_over_at_once=best["late"] / best["at_once"],
+                  **compare_weights(finals["late"], finals["at_once"]))
+    print(f"engine loop: flags read late {best['late']:.0f} images/s, at once {best['at_once']:.0f}; "
+          f"bit-identical: {result['bit_identical']}", flush=True)
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ precision
 
 
@@ -568,7 +613,7 @@ def fsdp_mode_text(fsdp: dict[str, Any]) -> str:
     return f"{kind}, 1 process, {how}"
 
 
-def table(rows: list[dict], fsdp: Optional[dict], precision: dict) -> str:
+def table(rows: list[dict], fsdp: Optional[dict], loop: Optional[dict], precision: dict) -> str:
     lines = ["| row | model | mode | batch | images/s | step (ms) | compile (s) | GFLOP/step | TFLOP/s | MFU "
              "| peak memory (GiB) | result |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -586,6 +631,15 @@ def table(rows: list[dict], fsdp: Optional[dict], precision: dict) -> str:
         lines.append(f"| exact resume | {fsdp['model']} | {fsdp_mode_text(fsdp)} | {fsdp['batch_size']} | - | - | - "
                      f"| - | - | - | - | stopped after step {fsdp['stopped_after_step']}, resumed to "
                      f"{fsdp['steps']}: {cell(fsdp_result_text(fsdp))} |")
+    if loop is not None:
+        if loop["error"]:
+            outcome = f"failed: {cell(loop['error'])}"
+        else:
+            rates = loop["best_images_per_s"]
+            outcome = (f"flags read late / at once: {loop['late_over_at_once']:.3f}x ({rates['late']:,.0f} against "
+                       f"{rates['at_once']:,.0f} images/s); same weights: {'yes' if loop['bit_identical'] else 'NO'}")
+        lines.append(f"| engine loop | {loop['model']} | whole run, {loop['steps']} steps | {loop['batch_size']} | - | - "
+                     f"| - | - | - | - | - | {outcome} |")
     lines.append(f"| train.mixed_precision: auto | - | - | - | - | - | - | - | - | - | - | {precision['choice']} |")
     return "\n".join(lines)
 
@@ -611,6 +665,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, TFLOP/s, for MFU where the "
                                                           "built-in table does not know the device")
     parser.add_argument("--skip-resume", action="store_true", help="leave out the FSDP stop/resume check")
+    parser.add_argument("--skip-loop", action="store_true", help="leave out the engine-loop row")
+    parser.add_argument("--loop-epochs", type=int, help="epochs of 8 steps per engine-loop run (default 8; smoke 1)")
     parser.add_argument("--fsdp-launch", choices=("auto", "accelerate", "inprocess"), default="auto",
                         help="auto: accelerate launch on a GPU, in this process on CPU")
     parser.add_argument("--fsdp-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
@@ -619,16 +675,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="torch.use_deterministic_algorithms in the launched runs (strict falls back to warn "
                              "when an op has no deterministic kernel)")
     parser.add_argument("--fsdp-timeout", type=float, default=300, help="seconds per launched run")
-    parser.add_argument("--workdir", help="folder for the resume check's runs (default: a temporary one, removed "
-                                          "unless something failed)")
+    parser.add_argument("--workdir", help="folder for the resume check's and the engine loop's runs (default: a "
+                                          "temporary one, removed unless something failed)")
     args = parser.parse_args(argv)
-    defaults = dict(warmup=1, steps=2, compile_backend="eager", budget_s=None) if args.smoke else dict(
-        warmup=3, steps=20, compile_backend="inductor", budget_s=360.0)
+    defaults = dict(warmup=1, steps=2, compile_backend="eager", budget_s=None, loop_epochs=1) if args.smoke else dict(
+        warmup=3, steps=20, compile_backend="inductor", budget_s=360.0, loop_epochs=8)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.warmup < 1 or args.steps < 1 or (args.batch_size is not None and args.batch_size < 1):
-        parser.error("--warmup, --steps and --batch-size must be >= 1")
+    if args.warmup < 1 or args.steps < 1 or args.loop_epochs < 1 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error("--warmup, --steps, --loop-epochs and --batch-size must be >= 1")
     specs = model_specs(args.smoke)
     known = [s.key for s in specs]
     wanted = known if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
@@ -664,19 +720,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     # eager rows, the resume check, then the compiled rows (the longest and least certain part) while the time lasts
     flops_of: dict[str, int] = {}
     rows = [benchmark_row(spec, "eager", args, device, peak, flops_of) for spec in args.specs]
-    fsdp = None
+    fsdp = loop = None
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_suite_"))
+    work.mkdir(parents=True, exist_ok=True)
     if not args.skip_resume:
-        work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_suite_"))
-        work.mkdir(parents=True, exist_ok=True)
         try:
             fsdp = fsdp_resume_check(args, device, work)
         except Exception as err:  # noqa: BLE001 - reported in the table, the rest still printed
             fsdp = {"launch": args.fsdp_launch, "model": "mae_vit_tiny_patch4", "batch_size": TINY_BATCH,
                     "steps": TOTAL_STEPS, "stopped_after_step": STOP_AT, "error": short_error(err), "notes": []}
-        if args.workdir is None and not fsdp.get("error"):
-            shutil.rmtree(work, ignore_errors=True)
-        else:
+        if fsdp.get("error"):
             fsdp["workdir"] = str(work)
+    if not args.skip_loop:
+        try:
+            loop = step_check_loop(args, device, work)
+        except Exception as err:  # noqa: BLE001 - reported in the table, the rest still printed
+            loop = {"model": "mae_vit_tiny_patch4", "batch_size": TINY_BATCH, "steps": None, "error": short_error(err)}
+    if args.workdir is None and not any(part is not None and part.get("error") for part in (fsdp, loop)):
+        shutil.rmtree(work, ignore_errors=True)
     for spec in [] if args.no_compile else args.specs:
         elapsed = time.perf_counter() - started
         if args.budget_s is not None and elapsed > args.budget_s:
@@ -692,7 +753,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         precision["engine_run"] = fsdp["mixed_precision"]  # what the resume check's accelerator was set up with
 
     print()
-    print(table(rows, fsdp, precision))
+    print(table(rows, fsdp, loop, precision))
     print()
     print(f"Steps: bf16 autocast, the engine's fused AdamW; median of {args.steps} timed steps after {args.warmup} "
           f"warm-up; torch.compile backend {args.compile_backend}; FLOPs per step by FlopCounterMode (forward + "
@@ -719,10 +780,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "models": {spec.key: spec.built_from for spec in args.specs}}
         path.write_text(json.dumps({
             "machine": machine, "settings": settings, "peak": peak, "peak_note": peak_note, "rows": rows,
-            "fsdp_resume": fsdp, "mixed_precision_auto": precision, "elapsed_s": elapsed,
+            "fsdp_resume": fsdp, "engine_loop": loop, "mixed_precision_auto": precision, "elapsed_s": elapsed,
         }, indent=2, default=str) + "\n")
         print(f"wrote {path}")
-    failed = [r for r in rows if r["status"] == "failed"] + ([fsdp] if fsdp is not None and fsdp.get("error") else [])
+    failed = [r for r in rows if r["status"] == "failed"] + [part for part in (fsdp, loop)
+                                                              if part is not None and part.get("error")]
     return 1 if failed else 0
 
 

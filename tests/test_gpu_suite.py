@@ -35,7 +35,8 @@ def test_smoke_run_prints_one_table_and_writes_the_same_figures(suite, tmp_path,
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.startswith("|")]
     assert len([line for line in table if line.startswith("| row |")]) == 1  # one table
-    assert len(table) == 2 + 2 * len(MODELS) + 2  # header, rule, eager + compile per model, resume, precision
+    # header, rule, eager + compile per model, resume, engine loop, precision
+    assert len(table) == 2 + 2 * len(MODELS) + 3
 
     report = json.loads(out.read_text())
     assert report["settings"]["smoke"] and report["machine"]["device"] == "cpu"
@@ -65,6 +66,13 @@ def test_smoke_run_prints_one_table_and_writes_the_same_figures(suite, tmp_path,
     assert resume["losses_identical"] and resume["repeat_bit_identical"]
     assert any("no FSDP" in note for note in resume["notes"])  # the CPU says what it ran instead
     assert re.search(r"\| exact resume \|.*bit-identical: yes \(max abs diff 0\)", printed)
+
+    loop = report["engine_loop"]  # the step flags read one step late (forced on the CPU) change no weight
+    assert loop["error"] is None and loop["steps"] == 8 and loop["bit_identical"] and loop["max_abs_diff"] == 0
+    assert all(len(rates) == 2 and min(rates) > 0 for rates in loop["images_per_s"].values())
+    assert loop["late_over_at_once"] == pytest.approx(loop["best_images_per_s"]["late"]
+                                                      / loop["best_images_per_s"]["at_once"])
+    assert re.search(r"\| engine loop \|.*flags read late / at once: [0-9.]+x .*same weights: yes \|", printed)
 
     precision = report["mixed_precision_auto"]
     assert precision["choice"] == resolve_precision("auto") == precision["engine_run"]
@@ -101,8 +109,10 @@ def test_failed_and_skipped_rows_keep_the_table_whole(suite):
     resume = {"launch": "accelerate", "model": "mae_vit_tiny_patch4 (32 px)", "batch_size": 8, "steps": 8,
               "stopped_after_step": 3, "error": "the resumed run exited 1", "distributed_type": "FSDP",
               "fsdp_version": 2}
-    lines = suite.table(rows, resume, {"choice": "bf16"}).splitlines()
-    assert len(lines) == 2 + 2 + 2
+    loop = {"model": "mae_vit_tiny_patch4", "batch_size": 8, "steps": None, "error": "RuntimeError: a | b"}
+    lines = suite.table(rows, resume, loop, {"choice": "bf16"}).splitlines()
+    assert len(lines) == 2 + 2 + 3
     assert all(len(re.findall(r"(?<!\\)\|", line)) == 13 for line in lines)  # 12 cells each, none split by a "|"
     assert "failed: OutOfMemoryError" in lines[2] and "skipped: 400 s gone" in lines[3]
     assert "FSDP2, 1 process, accelerate launch" in lines[4] and "FAILED: the resumed run exited 1" in lines[4]
+    assert "| engine loop |" in lines[5] and "failed: RuntimeError: a \\| b" in lines[5]
