@@ -118,6 +118,9 @@ RUNNER = textwrap.dedent(
     name, config, delay, hang_at = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
     signal_rank, signal_at = map(int, sys.argv[6].split(":"))  # this process (RANK) signals itself at this call
     register_model(name, partial(MaskedAutoencoderViT, **config))
+    if os.environ.get("CHECKS_READ_LATE"):  # the host reads step flags a step late, as on an accelerator
+        import pretrain.engine
+        pretrain.engine.checks_read_late = lambda device: 1
 
     class SlowTask(train_mae.MAETask):
         calls = 0
@@ -286,21 +289,26 @@ def test_sigterm_to_the_process_group_saves_and_resumes_identically(tmp_path, ti
     assert_same_run(out, reference)
 
 
-def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path, tiny_args, micro_model):
+@pytest.mark.parametrize("late", [False, True], ids=["read_at_once", "read_a_step_late"])
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path, tiny_args, micro_model, late):
     """2 processes (torchrun, gloo): only rank 1 receives SIGTERM, during step 2. The ranks agree on it in the
-    step's all-reduce: both finish step 2, rank 0 saves it, both exit 143; nobody hangs in a collective."""
+    step's all-reduce: both finish step 2, rank 0 saves it, both exit 143; nobody hangs in a collective. With the
+    step flags read a step late (as on an accelerator; no log line in between), both stop after step 3 instead."""
     out = tmp_path / "run"
-    argv = tiny_args(out, *COMMON, "train.save_every=100")
+    argv = tiny_args(out, *COMMON, "train.save_every=100", *(["train.log_every=100"] if late else []))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                *runner_command(tmp_path, micro_model, argv, delay=0.0, signal_at="1:2")]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"CHECKS_READ_LATE": "1"} if late else {})}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    stopped = 3 if late else 2
     assert result.returncode != 0  # torchrun reports its workers' status 143 as a failure
-    assert result.stderr.count("interrupted: SIGTERM received: stopped after step 2 and saved") == 2, result.stderr[-3000:]
+    assert result.stderr.count(f"interrupted: SIGTERM received: stopped after step {stopped} and saved") == 2, \
+        result.stderr[-3000:]
     assert "exitcode  : 143" in result.stderr  # torchrun's failure summary
-    assert [r["step"] for r in read_log(out)] == [1, 2]  # 64 images / global batch 16: 4 steps in an epoch
-    assert find_latest(out / "checkpoints") == checkpoint(out, 2)
-    assert load_train_state(checkpoint(out, 2))["world_size"] == 2
+    if not late:
+        assert [r["step"] for r in read_log(out)] == [1, 2]  # 64 images / global batch 16: 4 steps in an epoch
+    assert find_latest(out / "checkpoints") == checkpoint(out, stopped)
+    assert load_train_state(checkpoint(out, stopped))["world_size"] == 2
 
 
 def signal_is_caught(pid: int, signum: int) -> bool:
