@@ -381,18 +381,7 @@ class Trainer:
                     step_totals["grad_norm"] = grad_norm.detach().float()
                 flags = self._step_flags(step_totals["loss"], grad_norm, stop_signal.signum)
                 self._queue_check(flags, step_totals["loss"], grad_norm)
-                if self._skips_on_device:
-                    skip = (flags[:2].amax() > 0).float()
-                    self._torch_optimizer.found_inf = skip  # fused AdamW leaves weights and moments as they were
-                    self.optimizer.step()
-                    applied = skip == 0
-                    self._settle_checks(keep=self._check_lag)  # may raise: train.max_nonfinite_skips is spent
-                    run_hook = True  # harmless after a skipped update (Task.after_step_needs_applied_update)
-                else:
-                    run_hook = self._settle_checks()  # may raise: train.max_nonfinite_skips is spent
-                    if run_hook:
-                        self.optimizer.step()
-                    applied = torch.tensor(run_hook, device=acc.device)
+                applied, run_hook = self._update(flags)
                 self.optimizer.zero_grad(set_to_none=True)
                 if run_hook:  # e.g. CLIP clamps its temperature, finetuning updates its EMA
                     self.task.after_optimizer_step(self.unwrapped_model)
@@ -487,6 +476,21 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return flags
+
+    def _update(self, flags: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The optimizer step, unless the step's flags say a loss or gradient was non-finite on some process; may
+        raise NonFiniteLossError (train.max_nonfinite_skips spent). Returns whether the update was applied (a 0-d
+        bool tensor on the device) and whether the task's after-step hook runs."""
+        if self._skips_on_device:
+            skip = (flags[:2].amax() > 0).float()
+            self._torch_optimizer.found_inf = skip  # fused AdamW then leaves weights and moments as they were
+            self.optimizer.step()
+            self._settle_checks(keep=self._check_lag)
+            return skip == 0, True  # the hook is harmless after a skipped update (Task.after_step_needs_applied_update)
+        finite = self._settle_checks()  # the host decides, reading this step's flags now
+        if finite:
+            self.optimizer.step()
+        return torch.tensor(finite, device=self.accelerator.device), finite
 
     def _queue_check(self, flags: torch.Tensor, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> None:
         """Queue the flags of the step being computed for the host; on an accelerator whose host reads them later,
@@ -646,7 +650,7 @@ class Trainer:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return (get_model_state_dict(self.model, options=options),
-                get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=options))
+                get_optimizer_state_dict(self.model, self._torch_optimizer, options=options))
 
     def _load_full_states(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], path) -> None:
         if not self._sharded():
@@ -661,7 +665,7 @@ class Trainer:
 
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, model_state, options=options)
-        set_optimizer_state_dict(self.model, self.optimizer.optimizer, optimizer_state, options=options)
+        set_optimizer_state_dict(self.model, self._torch_optimizer, optimizer_state, options=options)
 
     def _resume(self, resume: str) -> None:
         path = resolve_resume(resume, self.checkpoints_dir)
