@@ -29,7 +29,7 @@ from data.__main__ import main as data_main  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
-from fmnist_steps import run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from fmnist_steps import StepSeconds, run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 CLASS_NAMES = REPO / "configs/fashion_mnist_classnames.txt"  # everyday words ("t-shirt", "trousers", ...)
 TEMPLATES = REPO / "configs/fashion_mnist_templates.txt"  # 10 templates for grey product photos
@@ -58,13 +58,13 @@ def main() -> None:
 
     work = Path(args.work_dir)
     shards, pairs, val_pairs, clip_dir = work / "shards", work / "clip_pairs", work / "clip_pairs_val", work / "clip"
-    seconds: dict[str, float] = {}
+    seconds = StepSeconds(work / "seconds" / "clip_zeroshot.json")
     write_split(args.fashion_mnist, shards, seconds)
     for split, out in (("train", pairs), ("val", val_pairs)):
         if not (out / "stats.json").is_file():
-            seconds[f"caption shards ({split})"] = run(f"captions ({split})", data_main, [
+            seconds.record(f"caption shards ({split})", run(f"captions ({split})", data_main, [
                 "captions", "--shards", str(shards / split), "--out", str(out), "--shard-size", "5000",
-                "--no-progress", "--overwrite"])
+                "--no-progress", "--overwrite"]))
     pretrain_argv = ["--config", str(REPO / "configs/clip_vit_tiny_fmnist.yaml"), f"output_dir={clip_dir}",
                      f"data.train={pairs}", f"data.val={val_pairs}", f"eval.zeroshot_shards={shards / 'val'}"]
     if args.epochs:
@@ -73,7 +73,7 @@ def main() -> None:
         # an interrupted run continues from its latest checkpoint; one that wrote none starts over
         started = (clip_dir / "checkpoints").is_dir() and any((clip_dir / "checkpoints").glob("step_*"))
         pretrain_argv.append("train.resume=latest" if started else "train.overwrite=true")
-        seconds["CLIP pretraining"] = run("pretrain", pretrain_main, pretrain_argv)
+        seconds.record("CLIP pretraining", run("pretrain", pretrain_main, pretrain_argv), resumed=started)
 
     rows = []
     for index, (name, (templates, classes)) in enumerate(PROMPT_SETS.items()):
@@ -82,7 +82,7 @@ def main() -> None:
                 "train.overwrite=true", f"model.checkpoint={clip_dir}", f"data.val={shards / 'val'}",
                 f"classes={classes}",
                 f"templates={json.dumps(templates)}"]  # quoted: a bare {} would read as an empty YAML mapping
-        seconds[f"zero-shot: {name}"] = run(f"zero-shot {name}", finetune_main, argv)
+        seconds.record(f"zero-shot: {name}", run(f"zero-shot {name}", finetune_main, argv))
         metrics = json.loads((out / "metrics.json").read_text())
         rows.append({"prompts": name, "templates": metrics["num_templates"], "top1": metrics["top1"],
                      "top5": metrics["top5"], "val_images": metrics["num_samples"],
@@ -92,9 +92,9 @@ def main() -> None:
                         if key in metrics}})
 
     retrieval_dir = work / "retrieval"
-    seconds["retrieval"] = run("retrieval", finetune_main, [
+    seconds.record("retrieval", run("retrieval", finetune_main, [
         "--config", str(REPO / "configs/retrieval_clip_tiny_demo.yaml"), f"output_dir={retrieval_dir}",
-        "train.overwrite=true", f"model.checkpoint={clip_dir}", f"data.val={val_pairs}"])
+        "train.overwrite=true", f"model.checkpoint={clip_dir}", f"data.val={val_pairs}"]))
     retrieval = json.loads((retrieval_dir / "metrics.json").read_text())
     retrieval.pop("config")
 

@@ -40,7 +40,7 @@ from data import (  # noqa: E402
 )
 from finetune.cli import main as finetune_main  # noqa: E402
 
-from fmnist_steps import run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from fmnist_steps import StepSeconds, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 CONFIG = REPO / "configs/detr_vit_tiny_fmnist.yaml"
 CATEGORIES = [{"id": index + 1, "name": name} for index, name in enumerate(FASHION_MNIST_CLASSES)]
@@ -180,7 +180,7 @@ def main() -> None:
     args.val_images = args.val_images or (16 if args.smoke else 500)
 
     work = Path(args.work_dir or ("runs/bench_detr_smoke" if args.smoke else "runs/bench_detr"))
-    seconds: dict[str, float] = {}
+    seconds = StepSeconds(work / "seconds" / "detr_fmnist.json")
     dataset = make_dataset(work, args)
     mae = smoke_mae(work) if args.smoke else Path(args.mae)
     out = work / "detr"
@@ -193,7 +193,8 @@ def main() -> None:
         argv = ["--config", str(CONFIG), f"output_dir={out}", f"data.train={work / 'shards/train'}",
                 f"data.val={work / 'shards/val'}", f"encoder.checkpoint={mae}", restart,
                 *(SMOKE if args.smoke else []), *args.overrides]
-        seconds["DETR training + evaluation"] = run("detr", finetune_main, argv)
+        seconds.record("DETR training + evaluation", run("detr", finetune_main, argv),
+                       resumed=restart == "train.resume=latest")
     metrics = json.loads((out / "metrics.json").read_text())
 
     print(f"\n## DETR on synthetic Fashion-MNIST canvases ({dataset['splits']['train']['images']} train / "

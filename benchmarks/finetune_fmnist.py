@@ -31,7 +31,7 @@ from finetune.cli import main as finetune_main  # noqa: E402
 from pretrain.checkpoint import find_latest  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
-from fmnist_steps import prepare_shards, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from fmnist_steps import StepSeconds, prepare_shards, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
 DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
@@ -40,7 +40,7 @@ SMOKE = ["data.samples_per_epoch=256", "train.batch_size=32", "data.num_workers=
          "train.log_every=4", "logging.progress_bar=false", "logging.wandb=disabled"]
 
 
-def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: int, seconds: dict) -> dict:
+def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: int, seconds: StepSeconds) -> dict:
     """Run (or resume, or skip) one `python -m finetune` run into `out`; its metrics.json."""
     metrics_file = out / "metrics.json"
     if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs:
@@ -48,7 +48,7 @@ def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: i
     else:
         restart = "train.resume=latest" if (out / "checkpoints").is_dir() else "train.overwrite=true"
         argv = ["--config", str(config), f"output_dir={out}", f"train.epochs={epochs}", restart, *overrides]
-        seconds[step] = run(step, finetune_main, argv)
+        seconds.record(step, run(step, finetune_main, argv), resumed=restart == "train.resume=latest")
     return json.loads(metrics_file.read_text())
 
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     work = Path(args.work_dir or ("runs/bench_finetune_smoke" if args.smoke else "runs/bench_fmnist"))
     shards = work / "shards"
-    seconds: dict[str, float] = {}
+    seconds = StepSeconds(work / "seconds" / "finetune_fmnist.json")
     prepare_shards(args.fashion_mnist, shards, args.smoke, seconds)
     common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *(SMOKE if args.smoke else [])]
 
@@ -74,7 +74,7 @@ def main() -> None:
         argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *common,
                 "train.overwrite=true",
                 *(["train.epochs=1", "num_pictures=2", "eval.every_epochs=0"] if args.smoke else [])]
-        seconds["MAE pretraining"] = run("pretrain", pretrain_main, argv)
+        seconds.record("MAE pretraining", run("pretrain", pretrain_main, argv))
 
     def epochs_of(config: Path, override: int | None) -> int:
         return 1 if args.smoke else override or yaml.safe_load(config.read_text())["train"]["epochs"]

@@ -33,7 +33,7 @@ from data import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
-from fmnist_steps import run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from fmnist_steps import StepSeconds, run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 from probe_lr import LRS, sweep_base_lr  # noqa: E402
 
 # the probes: (name, config, overrides) -- each reads the features of one export below
@@ -44,7 +44,7 @@ PROBES = [
 ]
 
 
-def export(name: str, features_dir: Path, data: list[str], encoder: list[str], seconds: dict) -> Path:
+def export(name: str, features_dir: Path, data: list[str], encoder: list[str], seconds: StepSeconds) -> Path:
     """`python -m finetune task=features` for both splits into features_dir/name, unless done earlier."""
     out = features_dir / name
     if (out / "train" / "index.json").is_file() and (out / "val" / "index.json").is_file():
@@ -52,12 +52,12 @@ def export(name: str, features_dir: Path, data: list[str], encoder: list[str], s
     else:
         argv = ["task=features", f"output_dir={out}", "train.overwrite=true", "logging.wandb=disabled",
                 "logging.progress_bar=false", "train.batch_size=512", *data, *encoder]
-        seconds[f"features: {name}"] = run(f"features {name}", finetune_main, argv)
+        seconds.record(f"features: {name}", run(f"features {name}", finetune_main, argv))
     return out
 
 
 def probe(step: str, config: Path, out: Path, features: Path, overrides: list[str], expect: dict,
-          seconds: dict) -> dict:
+          seconds: StepSeconds) -> dict:
     """One `python -m finetune` probe of the feature folders `features`/{train,val} into `out`, or its earlier
     metrics.json when that has the `expect`ed values."""
     metrics_file = out / "metrics.json"
@@ -67,11 +67,11 @@ def probe(step: str, config: Path, out: Path, features: Path, overrides: list[st
     else:
         argv = ["--config", str(config), f"output_dir={out}", "train.overwrite=true", "logging.progress_bar=false",
                 f"train_features={features / 'train'}", f"val_features={features / 'val'}", *overrides]
-        seconds[step] = run(step, finetune_main, argv)
+        seconds.record(step, run(step, finetune_main, argv))
     return json.loads(metrics_file.read_text())
 
 
-def scikit_learn_probe(features: Path, C: float, out: Path, seconds: dict) -> dict:
+def scikit_learn_probe(features: Path, C: float, out: Path, seconds: StepSeconds) -> dict:
     """scikit-learn's LogisticRegression(C) (lbfgs, max_iter and tol as our L-BFGS probe's config) on the same
     standardised features (finetune.logistic.Standardiser, the training features' statistics), or its earlier
     metrics.json."""
@@ -97,7 +97,7 @@ def scikit_learn_probe(features: Path, C: float, out: Path, seconds: dict) -> di
     start = time.perf_counter()
     model = LogisticRegression(C=C, max_iter=max_iter, tol=tol).fit(standardise(train.double()).numpy(),
                                                                      train_labels.numpy())
-    seconds["scikit-learn"] = time.perf_counter() - start
+    seconds.record("scikit-learn", time.perf_counter() - start)
     predictions = model.predict(standardise(val.double()).numpy())
     metrics = {"C": C, "top1": 100.0 * float((predictions == val_labels.numpy()).mean()),
                "iterations": int(model.n_iter_.max()), "max_iter": max_iter, "tol": tol,
@@ -127,7 +127,7 @@ def main() -> None:
 
     work = Path(args.work_dir)
     shards = work / "shards"
-    seconds: dict[str, float] = {}
+    seconds = StepSeconds(work / "seconds" / "linear_probe.json")
     write_split(args.fashion_mnist, shards, seconds)
     data = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}"]
     # the exports see the images as the probe configs' data sections do (32 px, no crop, Fashion-MNIST's statistics)
@@ -143,7 +143,7 @@ def main() -> None:
             argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *data]
             if args.pretrain_epochs:
                 argv.append(f"train.epochs={args.pretrain_epochs}")
-            seconds["MAE pretraining"] = run("pretrain", pretrain_main, argv)
+            seconds.record("MAE pretraining", run("pretrain", pretrain_main, argv))
 
     # (row label, export name, encoder overrides, probes): the MAE encoder's class token is the pooled feature
     # the MAE paper probes; its average patch token and both together under the L-BFGS probe and k-NN

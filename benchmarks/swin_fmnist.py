@@ -32,7 +32,7 @@ from pretrain.cli import main as pretrain_main  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
 from finetune_fmnist import SMOKE, finetune, summary  # noqa: E402
-from fmnist_steps import prepare_shards, run  # noqa: E402
+from fmnist_steps import StepSeconds, prepare_shards, run  # noqa: E402
 
 PRETRAIN_CONFIGS = {"UM-MAE": REPO / "configs/ummae_swin_tiny_fmnist.yaml",
                     "SimMIM": REPO / "configs/simmim_swin_tiny_fmnist.yaml"}
@@ -43,7 +43,7 @@ SCRATCH = "from scratch"
 SMOKE_PRETRAIN = ["num_pictures=2", "eval.max_images=100", "eval.max_bank_images=256"]
 
 
-def pretrain(method: str, out: Path, overrides: list[str], epochs: int, seconds: dict) -> dict:
+def pretrain(method: str, out: Path, overrides: list[str], epochs: int, seconds: StepSeconds) -> dict:
     """Run (or resume, or skip once its reconstructions.png exists) one `python -m pretrain` run into `out`; its
     steps, final loss and k-NN monitor from log.jsonl."""
     if (out / "reconstructions.png").is_file():
@@ -53,7 +53,8 @@ def pretrain(method: str, out: Path, overrides: list[str], epochs: int, seconds:
         restart = "train.resume=latest" if find_latest(out / "checkpoints") else "train.overwrite=true"
         argv = ["--config", str(PRETRAIN_CONFIGS[method]), f"output_dir={out}", f"train.epochs={epochs}", restart,
                 *overrides]
-        seconds[f"{method} pretraining"] = run(f"{method} pretraining", pretrain_main, argv)
+        seconds.record(f"{method} pretraining", run(f"{method} pretraining", pretrain_main, argv),
+                       resumed=restart == "train.resume=latest")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     last = next(line for line in reversed(log) if "loss" in line)
     knn = {line["step"]: line["eval/knn_top1"] for line in log if "eval/knn_top1" in line}  # a resume repeats steps
@@ -83,7 +84,7 @@ def main() -> None:
 
     work = Path(args.work_dir or ("runs/bench_swin_smoke" if args.smoke else "runs/bench_fmnist"))
     shards = work / "shards"
-    seconds: dict[str, float] = {}
+    seconds = StepSeconds(work / "seconds" / "swin_fmnist.json")
     prepare_shards(args.fashion_mnist, shards, args.smoke, seconds)
     common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *(SMOKE if args.smoke else [])]
 

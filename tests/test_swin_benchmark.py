@@ -87,5 +87,10 @@ def test_smoke_run_finishes_then_a_second_run_skips_every_step(tmp_path):
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done earlier") == 5 and "--config" not in second.stdout
+    # the steps skipped as done keep the wall times the first run measured
+    seconds = result["seconds"]
+    assert set(seconds) == {"UM-MAE pretraining", "SimMIM pretraining", "finetune from UM-MAE",
+                            "finetune from SimMIM", "train from scratch"} and min(seconds.values()) > 0
+    assert json.loads((tmp_path / "swin.json").read_text())["seconds"] == seconds
     table = first.stdout[first.stdout.index("| initialisation"):]
     assert second.stdout.endswith(table)
