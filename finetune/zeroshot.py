@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from data import clip_eval_transform
-from pretrain.clip_eval import (class_names, ensemble_vs_single_templates, evaluate_zero_shot, prompt_templates,
-                                 single_template_weights, zero_shot_weights)
+from pretrain.clip_eval import (class_names, ensemble_of_single_templates, ensemble_vs_single_templates,
+                                 evaluate_zero_shot, prompt_templates, single_template_weights, zero_shot_weights)
 from pretrain.config import ConfigError, DataConfig, to_dict
 from pretrain.run import resolve_shards, setup_run
 from pretrain.visualize import save_confusion_matrix
@@ -45,9 +45,11 @@ def evaluate_set(model: nn.Module, tokenizer, transform, shards: str, names: lis
                  templates: str, cfg: ZeroShotConfig, accelerator) -> tuple[dict[str, Any], torch.Tensor]:
     """One labelled set: its classifier from the class names x prompts, then (metrics, confusion matrix [C, C]);
     with several prompts the metrics also hold each prompt's own top-1 against the ensemble's."""
-    classifier = zero_shot_weights(model, tokenizer, names, prompts, accelerator.device)
-    single_classifiers = None if len(prompts) == 1 else single_template_weights(model, tokenizer, names, prompts,
-                                                                                accelerator.device)
+    if len(prompts) == 1:
+        classifier, single_classifiers = zero_shot_weights(model, tokenizer, names, prompts, accelerator.device), None
+    else:  # each prompt's own classifier, to compare with the ensemble, which is their renormalised mean
+        single_classifiers = single_template_weights(model, tokenizer, names, prompts, accelerator.device)
+        classifier = ensemble_of_single_templates(single_classifiers)
     metrics = evaluate_zero_shot(model, classifier, shards, transform, cfg.train.batch_size, cfg.data.num_workers,
                                  accelerator, cfg.data.max_skip_rate, confusion=True,
                                  template_classifiers=single_classifiers)

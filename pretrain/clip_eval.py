@@ -103,6 +103,12 @@ def single_template_weights(model: nn.Module, tokenizer, names: Sequence[str], t
                         for template in templates])
 
 
+def ensemble_of_single_templates(single_classifiers: torch.Tensor) -> torch.Tensor:
+    """[D, C]: the prompt ensemble (zero_shot_weights) from its templates' own classifiers [T, D, C], whose columns
+    are already the normalised embeddings: the renormalised mean, without encoding every prompt a second time."""
+    return nn.functional.normalize(single_classifiers.mean(dim=0), dim=0)
+
+
 def template_text(template: str | Callable[[str], str]) -> str:
     """A template as text with "{}" where the class name goes (open_clip's templates are functions)."""
     return template if isinstance(template, str) else template("{}")

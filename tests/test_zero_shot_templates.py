@@ -65,8 +65,8 @@ def test_each_templates_top1_equals_its_classifier_by_hand_and_the_ensemble_is_u
     from accelerate import Accelerator
 
     from data import clip_eval_transform
-    from pretrain.clip_eval import (class_names, ensemble_vs_single_templates, evaluate_zero_shot,
-                                    single_template_weights, zero_shot_weights)
+    from pretrain.clip_eval import (class_names, ensemble_of_single_templates, ensemble_vs_single_templates,
+                                    evaluate_zero_shot, single_template_weights, zero_shot_weights)
     from pretrain.models.clip import load_clip, tokenizer_for
 
     model, name = load_clip(clip_run)
@@ -83,6 +83,10 @@ def test_each_templates_top1_equals_its_classifier_by_hand_and_the_ensemble_is_u
 
     single_top1 = metrics.pop("single_template_top1")
     assert metrics == ensemble_alone  # the ensemble's figures do not move
+    # the ensemble from the single templates' classifiers (how `python -m finetune` builds it, encoding each prompt
+    # once) is open_clip's
+    torch.testing.assert_close(ensemble_of_single_templates(single_template_weights(
+        model, tokenizer, names, TEMPLATES, "cpu")), classifier, rtol=0, atol=1e-6)
     assert single_top1 == pytest.approx(single_template_top1_by_hand(model, tokenizer, names, shards, transform),
                                         abs=1e-6)
     comparison = ensemble_vs_single_templates(TEMPLATES, single_top1, metrics["top1"])
