@@ -37,6 +37,7 @@ class RunRecord:
     config: dict[str, Any] = field(default_factory=dict)  # the run's config.yaml
     step: Optional[int] = None
     epoch: Optional[float] = None
+    mixed_precision: Optional[str] = None  # what the checkpoint's run trained in ("auto" resolved)
     normalisation: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
     data: dict[str, Any] = field(default_factory=dict)  # the training shards' stats.json, summarised
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> scalar metrics
@@ -51,7 +52,7 @@ def read_run_record(weights_file: Path, metadata: dict[str, str], evals: list[st
     record = RunRecord(
         weights_file=weights_file, run_dir=run_dir, objective=metadata.get("objective", "unknown"),
         model_name=metadata.get("model_name", ""), model_config=json.loads(metadata.get("model_config", "{}")),
-        config=config or {}, step=meta.get("step"), epoch=meta.get("epoch"),
+        config=config or {}, step=meta.get("step"), epoch=meta.get("epoch"), mixed_precision=meta.get("mixed_precision"),
         normalisation=recorded_normalisation(weights_file) or _config_normalisation(config or {}),
     )  # fmt: skip
     record.data = _data_summary(config or {}, run_dir)
@@ -155,8 +156,11 @@ def write_model_card(path: Path, record: RunRecord, *, folder: Path, title: str,
         epoch = f" ({record.epoch:g} epochs)" if record.epoch is not None else ""
         lines.append(f"- steps: {record.step}{epoch}")
     if train:
+        precision = requested = train.get("mixed_precision")
+        if record.mixed_precision is not None and record.mixed_precision != requested:
+            precision = f"{requested} -> {record.mixed_precision}"
         lines.append(f"- batch: {train.get('batch_size')} per device x {train.get('grad_accum_steps', 1)} "
-                     f"accumulation; mixed precision {train.get('mixed_precision')}")
+                     f"accumulation; mixed precision {precision}")
     if optim:
         lines.append(f"- optimizer: {optim.get('name')}, base lr {optim.get('base_lr')}, weight decay "
                      f"{optim.get('weight_decay')}")

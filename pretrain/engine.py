@@ -623,7 +623,9 @@ class Trainer:
                 "task": self.task.state_dict(),  # e.g. the finetuning EMA
                 "loss_since_eval": loss_since_eval.cpu(),
             }
-            meta = {"epoch": self.step / self.schedule.steps_per_epoch, "total_steps": self.schedule.total_steps}
+            # the precision the run trained in ("auto" resolved), for the model card
+            meta = {"epoch": self.step / self.schedule.steps_per_epoch, "total_steps": self.schedule.total_steps,
+                    "mixed_precision": acc.mixed_precision}
             path = save_checkpoint(
                 self.checkpoints_dir, self.step, model_state, train_state, meta,
                 model_metadata=self.model_metadata, keep_last=self.train_cfg.keep_last,

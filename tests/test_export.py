@@ -4,9 +4,11 @@ listing what the run recorded. No network: the Hugging Face models are small, ra
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
 
 from finetune.cli import main as finetune_main
 from finetune.export import main as export_main
@@ -83,6 +85,17 @@ def test_model_card_lists_what_the_run_recorded(mae_run, knn_run, tmp_path):
     assert f"python -m finetune.export hf {mae_run} --out {out} --eval {knn_run}" in card
     assert f'ViTMAEForPreTraining.from_pretrained("{out}")' in card
     assert f'upload_folder(repo_id="YOUR_NAME/hf", folder_path="{out}")' in card
+    assert meta["mixed_precision"] == "no" and "accumulation; mixed precision no\n" in card
+
+
+def test_model_card_shows_what_mixed_precision_auto_resolved_to(mae_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mae_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"]["mixed_precision"] = "auto"  # as a run on the default config records it
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert export_main(["hf", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "accumulation; mixed precision auto -> no\n" in (tmp_path / "hf" / "README.md").read_text()
 
 
 def test_hf_encoder_export_gives_our_encoders_hidden_states(mae_run, tmp_path):
