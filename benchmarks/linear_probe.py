@@ -208,7 +208,7 @@ def main() -> None:
         top5 = "" if row["top5"] is None else f"{row['top5']:.2f}"
         difference = f" ({row['top1_minus_ours']:+.2f} vs ours)" if "top1_minus_ours" in row else ""
         print(f"| {row['features']} | {probe_label} | {row['dim']} | {row['top1']:.2f}{difference} | {top5} |")
-    sweeps = [row for row in rows if row["lr_sweep"]]
+    sweeps = [row for row in rows if row.get("lr_sweep")]  # the MAE-protocol rows (not the scikit-learn one)
     if sweeps:
         print("\nMAE-protocol base lr, held-out top-1 (%) on a 10% split of the training features "
               "(benchmarks/probe_lr.py):\n")
