@@ -136,7 +136,7 @@ def summary_rows(finetuned: dict[str, dict]) -> list[dict]:
     scratch = finetuned[SCRATCH]["top1"]
     return [{"row": f"{method} Swin -> finetune", "metric": "top-1 (%)",
              "value": finetuned[f"{method} pretrained"]["top1"], "target": scratch,
-             "baselines": {"same Swin from scratch": scratch}}
+             "target_label": "from scratch", "baselines": {"same Swin from scratch": scratch}}
             for method in PRETRAIN_CONFIGS]
 
 

@@ -72,6 +72,7 @@ def test_finetune_and_clip_summaries_name_each_method_its_baselines_and_target()
         {"row": "MAE tiny ViT -> finetune", "metric": "top-1 (%)", "value": 93.4, "target": 93.0,
          "baselines": {"same ViT from scratch": 88.0}},
         {"row": "DeiT student, hard distillation", "metric": "top-1 (%)", "value": 86.2, "target": 86.0,
+         "target_label": "no distillation + 1",
          "baselines": {"no distillation": 85.0, "soft distillation": 85.5, "teacher": 93.4}},
     ]
     rows = [{"top1": 88.5, "mean_single_template_top1": 86.9, "best_single_template_top1": 88.0}]

@@ -31,9 +31,9 @@ def test_summary_rows_hold_each_pretrained_swin_against_scratch_as_its_target():
                  "from scratch": {"top1": 90.4}}
     assert load("swin_fmnist").summary_rows(finetuned) == [
         {"row": "UM-MAE Swin -> finetune", "metric": "top-1 (%)", "value": 91.2, "target": 90.4,
-         "baselines": {"same Swin from scratch": 90.4}},
+         "target_label": "from scratch", "baselines": {"same Swin from scratch": 90.4}},
         {"row": "SimMIM Swin -> finetune", "metric": "top-1 (%)", "value": 89.9, "target": 90.4,
-         "baselines": {"same Swin from scratch": 90.4}},
+         "target_label": "from scratch", "baselines": {"same Swin from scratch": 90.4}},
     ]
 
 
