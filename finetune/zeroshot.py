@@ -16,7 +16,7 @@ from torch import nn
 
 from data import clip_eval_transform
 from pretrain.clip_eval import (class_names, ensemble_of_single_templates, ensemble_vs_single_templates,
-                                 evaluate_zero_shot, prompt_templates, single_template_weights, zero_shot_weights)
+                                 evaluate_zero_shot, prompt_templates, single_template_weights)
 from pretrain.config import ConfigError, DataConfig, to_dict
 from pretrain.run import resolve_shards, setup_run
 from pretrain.visualize import save_confusion_matrix
@@ -45,11 +45,11 @@ def evaluate_set(model: nn.Module, tokenizer, transform, shards: str, names: lis
                  templates: str, cfg: ZeroShotConfig, accelerator) -> tuple[dict[str, Any], torch.Tensor]:
     """One labelled set: its classifier from the class names x prompts, then (metrics, confusion matrix [C, C]);
     with several prompts the metrics also hold each prompt's own top-1 against the ensemble's."""
-    if len(prompts) == 1:
-        classifier, single_classifiers = zero_shot_weights(model, tokenizer, names, prompts, accelerator.device), None
-    else:  # each prompt's own classifier, to compare with the ensemble, which is their renormalised mean
-        single_classifiers = single_template_weights(model, tokenizer, names, prompts, accelerator.device)
-        classifier = ensemble_of_single_templates(single_classifiers)
+    # each prompt's own classifier (compared with the ensemble when there are several); the ensemble is their
+    # renormalised mean, so every prompt is encoded once
+    per_template = single_template_weights(model, tokenizer, names, prompts, accelerator.device)
+    classifier = ensemble_of_single_templates(per_template)
+    single_classifiers = per_template if len(prompts) > 1 else None
     metrics = evaluate_zero_shot(model, classifier, shards, transform, cfg.train.batch_size, cfg.data.num_workers,
                                  accelerator, cfg.data.max_skip_rate, confusion=True,
                                  template_classifiers=single_classifiers)
