@@ -3,8 +3,9 @@
 (a) Does MAE pretraining help finetuning? The tiny ViT finetuned from the MAE checkpoint vs the same ViT trained
     from scratch with the same budget (same recipe, epochs and batch; the scratch run has no layer-wise lr decay,
     which only makes sense for pretrained layers).
-(b) DeiT: the finetuned MAE ViT of (a) is the teacher; a smaller ViT (4 blocks, 128-d) is trained from scratch with
-    no distillation, soft distillation and hard distillation (the last two with a distillation token), same budget.
+(b) DeiT: a ResNet-18 trained from scratch at 32 px is the teacher (DeiT distils from a convnet); a smaller ViT
+    (4 blocks, 128-d) is trained from scratch with no distillation, soft distillation and hard distillation (the
+    last two with a distillation token), same budget.
 
     python benchmarks/finetune_fmnist.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench_fmnist/finetune.json
     python benchmarks/finetune_fmnist.py --smoke        # minutes: the bundled 3k images, a few steps per run
@@ -13,7 +14,9 @@ Steps (each skipped when its output exists; an interrupted run resumes from its 
 1. `python -m data idx` writes the 54,000 / 6,000 split as shards (as benchmarks/linear_probe.py; reused).
 2. `python -m pretrain` trains MAE (configs/mae_vit_tiny_fmnist.yaml; runs/bench_fmnist/mae is reused).
 3. `python -m finetune` finetunes (configs/finetune_mae_tiny_fmnist.yaml) from MAE and from scratch.
-4. `python -m finetune` trains the students (configs/distill_vit_tiny_fmnist.yaml, distillation.kind=none/soft/hard).
+4. `python -m finetune` trains the teacher (configs/teacher_cnn_fmnist.yaml), then the students
+   (configs/distill_vit_tiny_fmnist.yaml, distillation.kind=none/soft/hard).
+A run whose folder holds a run of another recipe (its saved config differs) starts over.
 """
 from __future__ import annotations
 
@@ -28,27 +31,34 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from finetune.cli import main as finetune_main  # noqa: E402
+from finetune.config import FinetuneConfig  # noqa: E402
 from pretrain.checkpoint import find_latest  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
-from fmnist_steps import StepSeconds, prepare_shards, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from fmnist_steps import StepSeconds, prepare_shards, recipe_changes, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
 DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
+TEACHER_CONFIG = REPO / "configs/teacher_cnn_fmnist.yaml"
 # --smoke: every run a few steps on the bundled images (2,700 train / 300 val), no worker processes
 SMOKE = ["data.samples_per_epoch=256", "train.batch_size=32", "data.num_workers=0", "data.shuffle_buffer=64",
          "train.log_every=4", "logging.progress_bar=false", "logging.wandb=disabled"]
 
 
 def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: int, seconds: StepSeconds) -> dict:
-    """Run (or resume, or skip) one `python -m finetune` run into `out`; its metrics.json."""
+    """Run (or resume, or skip) one `python -m finetune` run into `out`; its metrics.json. A run that `out` holds
+    from another recipe (its config.yaml differs) starts over."""
     metrics_file = out / "metrics.json"
-    if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs:
+    overrides = [f"output_dir={out}", f"train.epochs={epochs}", *overrides]
+    changed = recipe_changes(out, FinetuneConfig, config, overrides)
+    if changed:
+        print(f"\n== {step}: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
+    elif metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs:
         print(f"\n== {step}: done earlier ({metrics_file})")
-    else:
-        restart = "train.resume=latest" if (out / "checkpoints").is_dir() else "train.overwrite=true"
-        argv = ["--config", str(config), f"output_dir={out}", f"train.epochs={epochs}", restart, *overrides]
-        seconds.record(step, run(step, finetune_main, argv), resumed=restart == "train.resume=latest")
+        return json.loads(metrics_file.read_text())
+    resume = not changed and find_latest(out / "checkpoints") is not None
+    argv = ["--config", str(config), *overrides, "train.resume=latest" if resume else "train.overwrite=true"]
+    seconds.record(step, run(step, finetune_main, argv), resumed=resume)
     return json.loads(metrics_file.read_text())
 
 
@@ -81,26 +91,28 @@ def main() -> None:
 
     # (a) MAE -> finetune vs the same ViT from scratch, same budget
     finetune_epochs = epochs_of(FINETUNE_CONFIG, args.finetune_epochs)
-    teacher_dir = work / "finetune_mae"
     runs_a = {
-        "MAE pretrained": finetune("finetune from MAE", FINETUNE_CONFIG, teacher_dir,
+        "MAE pretrained": finetune("finetune from MAE", FINETUNE_CONFIG, work / "finetune_mae",
                                    [*common, f"encoder.checkpoint={mae_dir}"], finetune_epochs, seconds),
         "from scratch": finetune("train from scratch", FINETUNE_CONFIG, work / "finetune_scratch",
                                  [*common, "encoder.checkpoint=null", "layer_decay=null"], finetune_epochs, seconds),
     }
-    # (b) DeiT: the finetuned MAE ViT teaches a smaller ViT trained from scratch
+    # (b) DeiT: a convnet trained from scratch teaches a smaller ViT trained from scratch
+    teacher_dir = work / "teacher_cnn"
+    teacher = finetune("train the teacher", TEACHER_CONFIG, teacher_dir, common,
+                       epochs_of(TEACHER_CONFIG, None), seconds)
     distill_epochs = epochs_of(DISTILL_CONFIG, args.distill_epochs)
     # the teacher's last checkpoint, not its best/ weights: those were chosen on the validation split the students
     # are measured on
     teacher_weights = find_latest(teacher_dir / "checkpoints")
     runs_b = {
         kind: finetune(f"student, distillation {kind}", DISTILL_CONFIG, work / f"distill_{kind}",
-                       [*common, f"distillation.kind={kind}", f"distillation.teacher={teacher_weights}"],
+                       [*common, f"distillation.kind={kind}",
+                        f"distillation.teacher={teacher_weights if kind != 'none' else 'null'}"],
                        distill_epochs, seconds)
         for kind in ("none", "soft", "hard")
     }
 
-    teacher = runs_a["MAE pretrained"]
     result = {
         "benchmark": "finetuning and DeiT distillation on Fashion-MNIST (54k train / 6k held-out val)"
                      + (" [SMOKE: bundled 2.7k/300 images, 256 images per run]" if args.smoke else ""),
@@ -108,18 +120,20 @@ def main() -> None:
                      "runs": {name: summary(m) for name, m in runs_a.items()}},
         "distillation": {"config": str(DISTILL_CONFIG.relative_to(REPO)), "epochs": distill_epochs,
                          "training_images_per_epoch": runs_b["none"]["num_train"],
-                         "teacher": {"weights": str(teacher_weights), "top1": teacher["top1"]},
+                         "teacher": {"config": str(TEACHER_CONFIG.relative_to(REPO)), "weights": str(teacher_weights),
+                                     **summary(teacher)},
                          "runs": {kind: summary(m) for kind, m in runs_b.items()}},
-        "summary": summary_rows(runs_a, runs_b),
+        "summary": summary_rows(runs_a, teacher, runs_b),
         "seconds": seconds,
     }
-    print(f"\n(a) finetuning, {finetune_epochs} epoch(s), {teacher['num_train']} training images, "
-          f"{teacher['num_samples']} validation images\n")
+    finetuned = runs_a["MAE pretrained"]
+    print(f"\n(a) finetuning, {finetune_epochs} epoch(s), {finetuned['num_train']} training images, "
+          f"{finetuned['num_samples']} validation images\n")
     print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")
     for name, m in runs_a.items():
         print(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['best_top1']:.2f} ({m['best_epoch']}) |")
-    print(f"\n(b) DeiT distillation, {distill_epochs} epoch(s) of {runs_b['none']['num_train']} images; teacher: the "
-          f"finetuned MAE ViT's last weights, top-1 {teacher['top1']:.2f}%\n")
+    print(f"\n(b) DeiT distillation, {distill_epochs} epoch(s) of {runs_b['none']['num_train']} images; teacher: "
+          f"{teacher['model']} trained {teacher['epochs']} epoch(s), last weights, top-1 {teacher['top1']:.2f}%\n")
     print("| student distillation | top-1 (%) | top-5 (%) | class head top-1 (%) | distillation head top-1 (%) |"
           "\n|---|---|---|---|---|")
     for kind, m in runs_b.items():
@@ -131,26 +145,30 @@ def main() -> None:
 
 
 FINETUNE_TARGET = 93.0  # issue 16's target for MAE -> finetune
+TEACHER_TARGET = 93.0  # ... for the DeiT teacher
 DISTILLATION_GAIN_TARGET = 1.0  # ... and for the hard-distilled student over the same student without
 
 
-def summary_rows(finetuned: dict[str, dict], students: dict[str, dict]) -> list[dict]:
+def summary_rows(finetuned: dict[str, dict], teacher: dict, students: dict[str, dict]) -> list[dict]:
     """The results picture's rows (benchmarks/results_chart.py): MAE -> finetune against the same ViT from scratch,
-    and the hard-distilled student against no distillation, soft distillation and its teacher (last epochs)."""
-    teacher = finetuned["MAE pretrained"]["top1"]
+    the DeiT teacher, and the hard-distilled student against no distillation, soft distillation and its teacher
+    (last epochs)."""
     return [
-        {"row": "MAE tiny ViT -> finetune", "metric": "top-1 (%)", "value": teacher, "target": FINETUNE_TARGET,
-         "baselines": {"same ViT from scratch": finetuned["from scratch"]["top1"]}},
+        {"row": "MAE tiny ViT -> finetune", "metric": "top-1 (%)", "value": finetuned["MAE pretrained"]["top1"],
+         "target": FINETUNE_TARGET, "baselines": {"same ViT from scratch": finetuned["from scratch"]["top1"]}},
+        {"row": "DeiT teacher (ResNet-18 from scratch)", "metric": "top-1 (%)", "value": teacher["top1"],
+         "target": TEACHER_TARGET, "baselines": {}},
         {"row": "DeiT student, hard distillation", "metric": "top-1 (%)", "value": students["hard"]["top1"],
          "target": students["none"]["top1"] + DISTILLATION_GAIN_TARGET,
          "target_label": f"no distillation + {DISTILLATION_GAIN_TARGET:g}",
          "baselines": {"no distillation": students["none"]["top1"], "soft distillation": students["soft"]["top1"],
-                       "teacher": teacher}},
+                       "teacher": teacher["top1"]}},
     ]
 
 
 def summary(metrics: dict) -> dict:
-    keys = ("top1", "top5", "best_top1", "best_epoch", "cls_top1", "dist_top1", "steps", "model", "classifier")
+    keys = ("top1", "top5", "best_top1", "best_epoch", "cls_top1", "dist_top1", "epochs", "steps", "model",
+            "classifier")
     return {k: metrics[k] for k in keys if k in metrics} | {"history": [
         {k: h[k] for k in ("epoch", "top1", "train_loss") if k in h} for h in metrics["history"]]}
 

@@ -8,8 +8,11 @@ import os
 import time
 from pathlib import Path
 
+import yaml
+
 from data import FASHION_MNIST_CLASSES
 from data.__main__ import main as data_main
+from pretrain.config import load_config, to_dict
 
 
 def run(step: str, main, argv: list[str]) -> float:
@@ -20,6 +23,34 @@ def run(step: str, main, argv: list[str]) -> float:
     if status:
         raise SystemExit(f"{step} failed with exit status {status}")
     return time.perf_counter() - start
+
+
+# keys that change how a run is kept or shown, not what it computes
+BOOKKEEPING_KEYS = {"train.resume", "train.overwrite", "train.save_every", "train.log_every", "logging"}
+
+
+def recipe_changes(out: Path, schema: type, config: Path, overrides: list[str]) -> list[str]:
+    """The config keys whose values in the run already in `out` (its config.yaml) differ from what `config` with
+    the `key=value` `overrides` resolves to now (bookkeeping keys aside); [] when none differ or `out` holds no
+    run. A run made by an older recipe (another teacher, another lr) is no result of this one."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return []
+    now = to_dict(load_config(schema, config, overrides))
+    return sorted(_differing(yaml.safe_load(saved.read_text()) or {}, now))
+
+
+def _differing(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in dict.fromkeys([*old, *new]):
+        dotted = prefix + key
+        if dotted in BOOKKEEPING_KEYS:
+            continue
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            keys += _differing(old[key], new[key], dotted + ".")
+        elif old.get(key) != new.get(key):
+            keys.append(dotted)
+    return keys
 
 
 class StepSeconds(dict):

@@ -29,7 +29,7 @@ from data import make_loader as make_data_loader
 from data.transforms import ToNormalizedTensor, ToRGB
 from pretrain.config import ConfigError, DataConfig, EncoderConfig
 from pretrain.checkpoint import WEIGHTS_SUFFIXES, normalisation_metadata
-from pretrain.encoders import CLASSIFIER_OBJECTIVE, SPEC_KEY, build_encoder, checkpoint_kind
+from pretrain.encoders import CLASSIFIER_OBJECTIVE, SPEC_KEY, build_encoder, checkpoint_kind, recorded_image_size
 from pretrain.engine import Trainer
 from pretrain.evaluation import BEST_DIR, LAST_DIR, METRICS_FILE, Evaluator
 from pretrain.metrics import TopKAccuracy, class_count
@@ -211,7 +211,7 @@ def load_teacher(cfg: DistillationConfig, num_classes: int, image_size: int) -> 
     classes = getattr(teacher.model, "num_classes", num_classes)
     if classes != num_classes:
         raise ConfigError(f"the teacher {teacher.description} predicts {classes} classes, the data has {num_classes}")
-    teacher_size = source.image_size or teacher.spec["kwargs"].get("img_size") or image_size
+    teacher_size = source.image_size or recorded_image_size(teacher.spec) or image_size
     return FrozenTeacher(teacher.model, teacher_size if teacher_size != image_size else None), teacher.description
 
 
@@ -225,7 +225,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     distilling = cfg.distillation.kind != "none"
     encoder = build_encoder(cfg.encoder, cfg.data.image_size, num_classes=num_classes,
                             distill_token=distilling and cfg.distillation.token)
-    model, spec = encoder.model, encoder.spec
+    # the spec records the input size: a CNN's constructor has none, a teacher or export needs it
+    model, spec = encoder.model, {**encoder.spec, "image_size": cfg.data.image_size}
     distill_token = isinstance(model, VisionTransformerDistilled)
     if distill_token:
         model.set_distilled_training(True)  # training returns (class head, distillation head)

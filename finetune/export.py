@@ -32,7 +32,7 @@ from pretrain.checkpoint import CheckpointError, normalisation_metadata, read_we
 from pretrain.checkpoint import recorded_normalisation, resolve_weights_file, save_weights
 from pretrain.config import EncoderConfig
 from pretrain.encoders import CLASSIFIER_OBJECTIVE, CLIP_OBJECTIVE, MAE_OBJECTIVE, build_encoder
-from pretrain.encoders import checkpoint_kind, pretraining_model_from_checkpoint
+from pretrain.encoders import checkpoint_kind, pretraining_model_from_checkpoint, recorded_image_size
 from pretrain.models import MaskedAutoencoderViT, load_official_mae_checkpoint
 
 from .hf_vit_mae import from_hf_state_dict, hf_config, hf_vit_config, mae_config_from_hf, to_hf_state_dict
@@ -194,7 +194,7 @@ def export_onnx_folder(checkpoint: str | Path, out: Path, timm_model: str | None
         cfg = EncoderConfig(checkpoint=str(checkpoint), global_pool=None, drop_path=0.0, **other_weights)
         keep_head = kind == CLASSIFIER_OBJECTIVE  # a classifier exports whole: images -> logits
         encoder = build_encoder(cfg, image_size, keep_head=keep_head)
-        size = image_size or encoder.spec["kwargs"].get("img_size") or _image_size_of(encoder.model)
+        size = image_size or recorded_image_size(encoder.spec) or _image_size_of(encoder.model)
         output = "logits" if keep_head else "features"
         exports.append(("encoder.onnx", ImageEncoder(encoder.model.eval()), _example_images(encoder.model, size),
                         "images", output))

@@ -131,7 +131,7 @@ def build_encoder(cfg: EncoderConfig, image_size: Optional[int] = None, *, num_c
     size = cfg.image_size or image_size
     spec, state, description = _trunk_source(cfg, size)
     if size is None:
-        size = spec["kwargs"].get("img_size")
+        size = recorded_image_size(spec)
         if size is None:
             raise ConfigError(f"the input size of {description} is not recorded: set encoder.image_size")
     if keep_head:
@@ -152,6 +152,12 @@ def build_encoder(cfg: EncoderConfig, image_size: Optional[int] = None, *, num_c
     if not keep_head:
         init_heads(model, cfg.head_init_std)
     return Encoder(model, spec, description)
+
+
+def recorded_image_size(spec: dict[str, Any]) -> Optional[int]:
+    """The input size a classifier's spec records: a ViT's or Swin's `img_size`; for a CNN, which takes any size,
+    the size it was trained at (`image_size`, written by finetuning); None if neither is there."""
+    return spec["kwargs"].get("img_size") or spec.get("image_size")
 
 
 def _trunk_source(cfg: EncoderConfig, image_size: Optional[int]

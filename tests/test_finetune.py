@@ -266,6 +266,29 @@ def test_distillation_end_to_end_from_a_finetuned_teacher(finetuned_run, tiny_sh
     assert {"label_loss", "distillation_loss"} <= log[-1].keys()
 
 
+def test_a_convnet_trained_from_scratch_teaches_a_vit(tiny_shards, micro_model, tmp_path, fresh_accelerate_state):
+    """The Fashion-MNIST DeiT road: configs/teacher_cnn_fmnist.yaml trains a timm ResNet-18 from scratch; its
+    checkpoint, read back as our classifier (its head included), teaches a ViT student by hard distillation."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    teacher_dir = tmp_path / "teacher"
+    assert finetune_main(finetune_argv("teacher_cnn_fmnist.yaml", teacher_dir, tiny_shards, "train.epochs=1")) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    assert teacher_metrics["classifier"] == "ResNet" and "random init (timm resnet18)" in teacher_metrics["model"]
+
+    out = tmp_path / "student"
+    weights = teacher_dir / "checkpoints" / "step_00000004"
+    argv = finetune_argv("distill_vit_tiny_fmnist.yaml", out, tiny_shards, f"encoder.model_name={micro_model}",
+                         "encoder.model_kwargs={}", f"distillation.teacher={weights}", "distillation.kind=hard",
+                         "train.epochs=1")
+    assert finetune_main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["teacher"] == f"finetuned classifier {weights / 'model.safetensors'}"
+    assert metrics["classifier"] == "VisionTransformerDistilled" and 0 <= metrics["dist_top1"] <= 100
+
+
 def test_distillation_without_a_teacher_is_one_clear_error(tiny_shards, tmp_path, capsys):
     assert finetune_main(["task=finetune", "distillation.kind=soft", f"output_dir={tmp_path}"]) == 2
     assert "distillation.teacher" in capsys.readouterr().err.strip().splitlines()[-1]
