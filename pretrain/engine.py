@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import attention_kernels
 from .checkpoint import (
     checkpoint_name,
     find_latest,
@@ -283,6 +284,10 @@ class Trainer:
         optimizer = build_optimizer(model, optim, self.schedule.lr, layer_decay=layer_decay, param_group_fn=param_group_fn)
         self.scheduler = (make_scheduler(optimizer, self.schedule) if make_scheduler is not None
                           else build_scheduler(optimizer, self.schedule, optim.min_lr))
+        # the attention layers' kernels: set here, or chosen by timing after the first step (train.attention auto)
+        self.attention_kernels: dict[str, str] = {}
+        if train.attention != "auto":
+            attention_kernels.set_kernels(model, train.attention)
         if train.compile:
             model = compile_for_training(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -349,6 +354,7 @@ class Trainer:
             self._resume(cfg.resume)
         last_step = sched.total_steps if cfg.stop_after_steps is None else min(sched.total_steps, cfg.stop_after_steps)
         wandb_run = self._init_wandb()
+        first_step_inputs = self._record_attention_inputs()
         loader = self.make_loader(self.step * cfg.grad_accum_steps, acc.process_index, acc.num_processes)
         batches = iter(_workers_outlive_first_signal(loader))
         try:
@@ -388,6 +394,9 @@ class Trainer:
                 loss = step_totals["loss"].to(self._loss_since_eval.dtype)
                 self._loss_since_eval += torch.stack([torch.where(applied, loss, 0), applied.to(loss.dtype)])
                 self.step += 1
+                if first_step_inputs is not None:
+                    self._choose_attention_kernels(first_step_inputs)
+                    first_step_inputs = None
                 window.add_step(step_totals, sched.global_batch, applied=applied)
                 progress.update(1)
 
@@ -429,6 +438,33 @@ class Trainer:
             return {"step": self.step, "total_steps": sched.total_steps, **last_record}
         finally:  # a run that stops early (an error, a signal) stops its data workers now, not at exit
             stop_reading(batches)
+
+    def _record_attention_inputs(self) -> Optional[attention_kernels.FirstCallInputs]:
+        """train.attention auto in reduced precision, with no choice restored from a checkpoint: record the attention
+        layers' inputs during this run's first step, to time their kernels on (`_choose_attention_kernels`)."""
+        layers = attention_kernels.attention_layers(self.unwrapped_model)
+        if (self.train_cfg.attention != "auto" or self.attention_kernels or not layers
+                or self.accelerator.mixed_precision not in ("bf16", "fp16") or self._sharded() or self.train_cfg.compile):
+            return None
+        return attention_kernels.FirstCallInputs(layers)
+
+    def _choose_attention_kernels(self, first_step_inputs: attention_kernels.FirstCallInputs) -> None:
+        """Time both kernels of each distinct attention layer on its first-step inputs and keep the faster; every
+        process takes the main process's choice, so that they compute alike."""
+        from accelerate.utils import broadcast_object_list
+
+        first_step_inputs.close()
+        layers = attention_kernels.attention_layers(self.unwrapped_model)
+        chosen, lines = attention_kernels.choose_kernels(layers, first_step_inputs.inputs, self.accelerator.autocast)
+        if self.accelerator.num_processes > 1:
+            shared = [chosen]
+            broadcast_object_list(shared)
+            chosen = shared[0]
+            attention_kernels.set_kernels(self.unwrapped_model, chosen)
+        self.attention_kernels = chosen
+        if self.accelerator.is_main_process:
+            log.info("attention kernels (%s, timed on the first step's inputs, forward + backward): %s",
+                     self.accelerator.mixed_precision, "; ".join(lines))
 
     def _next_batch(self, batches: Iterator[dict[str, Any]], window: "_Window") -> dict[str, Any]:
         """The next micro-batch, on the device; its count of unreadable samples goes to the log window."""
@@ -622,6 +658,7 @@ class Trainer:
                 "nonfinite_skips": self.nonfinite_skips,
                 "task": self.task.state_dict(),  # e.g. the finetuning EMA
                 "loss_since_eval": loss_since_eval.cpu(),
+                "attention_kernels": self.attention_kernels,  # train.attention auto's choice, kept on resume
             }
             # the precision the run trained in ("auto" resolved), for the model card
             meta = {"epoch": self.step / self.schedule.steps_per_epoch, "total_steps": self.schedule.total_steps,
@@ -689,6 +726,9 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.task.load_state_dict(state.get("task", {}))
+        if self.train_cfg.attention == "auto" and state.get("attention_kernels"):
+            self.attention_kernels = dict(state["attention_kernels"])
+            attention_kernels.set_kernels(self.unwrapped_model, self.attention_kernels)
         if self.accelerator.is_main_process and "loss_since_eval" in state:  # the others start their sums afresh
             self._loss_since_eval.copy_(state["loss_since_eval"])
         self.scheduler.step_update(self.step)

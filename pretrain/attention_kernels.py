@@ -1,0 +1,138 @@
+"""Which kernel each attention layer runs, measured on the run's own shapes rather than guessed.
+
+timm's attention layers (ViT's `Attention`, Swin's `WindowAttention`, ...) compute softmax(QK^T/sqrt(d))V either
+with torch's fused `scaled_dot_product_attention` or as explicit matmuls; their `fused_attn` attribute picks. Which
+is faster depends on the device, the precision and the shape: on 2 cores of an AVX512-BF16 AMD EPYC, MAE ViT-B's
+bf16 training step runs 14% faster with the explicit matmuls (the CPU flash kernel's bf16 backward is slow, while
+bf16 matmuls run at 2.7x float32's rate), and 8% slower in float32 (docs/benchmarks.md, "Attention kernels").
+
+`train.attention` (pretrain.config.TrainConfig):
+- "fused" / "math": every layer runs that kernel;
+- "auto" (the default): in reduced precision (bf16, fp16), the first training step records each attention layer's
+  inputs; each distinct layer (type, weights' shapes, inputs' shapes) is then timed forward and backward with both
+  kernels on those inputs, and every layer keeps the faster one for the rest of the run. The choice is logged and
+  recorded in the checkpoints, so a resumed run computes exactly what the uninterrupted one did. In float32, and
+  under FSDP (whose sharded layers cannot run alone) or `train.compile` (one traced graph), "auto" keeps torch's
+  fused kernel, so that a float32 run stays a function of its seed alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AbstractContextManager
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("fused", "math")
+ROUNDS = 5  # timed calls of each kernel per layer shape, alternating; the fastest call counts
+
+
+def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose kernel can be chosen (timm's `fused_attn` switch), by qualified name."""
+    return {name: module for name, module in model.named_modules() if isinstance(getattr(module, "fused_attn", None), bool)}
+
+
+def set_kernels(model: nn.Module, kernels: str | dict[str, str]) -> None:
+    """Set every attention layer to one kernel ("fused" / "math"), or each named layer to its own."""
+    for name, layer in attention_layers(model).items():
+        kernel = kernels if isinstance(kernels, str) else kernels.get(name)
+        if kernel is not None:
+            layer.fused_attn = kernel == "fused"
+
+
+class FirstCallInputs:
+    """Records each attention layer's first inputs (detached copies) while it is attached; detach with `close()`.
+    Attached for a run's first step, it sees the shapes and values the run trains on, at no extra cost."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.inputs: dict[str, tuple[tuple, dict]] = {}
+        self._handles = {name: layer.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                         for name, layer in layers.items()}
+
+    def _hook(self, name: str) -> Callable:
+        def record(module, args, kwargs):
+            if name not in self.inputs:
+                self.inputs[name] = (_detached(args), _detached(kwargs))
+                self._handles.pop(name).remove()
+        return record
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+
+def choose_kernels(layers: dict[str, nn.Module], inputs: dict[str, tuple[tuple, dict]],
+                   autocast: Callable[[], AbstractContextManager]) -> tuple[dict[str, str], list[str]]:
+    """Time both kernels on each distinct layer's recorded inputs, forward and backward under `autocast()`; set each
+    layer to the faster one. Returns ({layer name: kernel}, one log line per distinct layer). The weights' gradients
+    and the random number generators are left as they were."""
+    groups: dict[tuple, list[str]] = {}
+    for name, (args, kwargs) in inputs.items():
+        groups.setdefault(_signature(layers[name], args, kwargs), []).append(name)
+    chosen: dict[str, str] = {}
+    lines = []
+    for names in groups.values():
+        layer = layers[names[0]]
+        args, kwargs = inputs[names[0]]
+        seconds = _time_kernels(layer, args, kwargs, autocast)
+        kernel = min(seconds, key=seconds.get)
+        for name in names:
+            chosen[name] = kernel
+            layers[name].fused_attn = kernel == "fused"
+        shape = "x".join(map(str, args[0].shape)) if args and torch.is_tensor(args[0]) else "?"
+        where = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} like it"
+        lines.append(f"{where} [{shape}]: " + ", ".join(f"{k} {s * 1e3:.2f} ms" for k, s in seconds.items())
+                     + f" -> {kernel}")
+    return chosen, lines
+
+
+def _time_kernels(layer: nn.Module, args: tuple, kwargs: dict,
+                  autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+    was_fused = layer.fused_attn
+    device = next((a.device for a in args if torch.is_tensor(a)), torch.device("cpu"))
+    best = {kernel: float("inf") for kernel in KERNELS}
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):  # dropout in a layer draws numbers the run must not lose
+        for round_ in range(ROUNDS + 1):  # round 0 warms both kernels up
+            for kernel in KERNELS:
+                layer.fused_attn = kernel == "fused"
+                x = args[0].clone().requires_grad_(True)
+                _synchronize(device)
+                start = time.perf_counter()
+                with autocast():
+                    out = layer(x, *args[1:], **kwargs)
+                torch.autograd.grad(out, x, grad_outputs=torch.ones_like(out))  # the inputs' gradient only
+                _synchronize(device)
+                if round_:
+                    best[kernel] = min(best[kernel], time.perf_counter() - start)
+    layer.fused_attn = was_fused
+    return best
+
+
+def _signature(layer: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    def shapes(values):
+        return tuple((tuple(v.shape), v.dtype) if torch.is_tensor(v) else v for v in values)
+
+    weights = tuple(tuple(p.shape) for p in layer.parameters())
+    return (type(layer).__qualname__, weights, getattr(layer, "num_heads", None), shapes(args),
+            tuple(sorted((k, shapes([v])) for k, v in kwargs.items())))
+
+
+def _detached(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

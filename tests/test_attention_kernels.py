@@ -1,0 +1,116 @@
+"""train.attention: the attention layers' kernel, set by the config or timed on the first step's inputs."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain import attention_kernels
+from pretrain.checkpoint import MODEL_FILE, load_train_state
+from pretrain.cli import main
+from pretrain.config import ConfigError, TrainConfig, load_config, MAEPretrainConfig
+from pretrain.models import create_model
+
+pytestmark = pytest.mark.usefixtures("single_thread", "fresh_accelerate_state")
+
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_each_distinct_layer_is_timed_on_its_recorded_inputs_and_keeps_its_faster_kernel(micro_model):
+    torch.manual_seed(0)
+    model = create_model(micro_model, mask_ratio=0.75).train()
+    layers = attention_kernels.attention_layers(model)
+    assert sorted(layers) == ["blocks.0.attn", "decoder_blocks.0.attn"]
+    recorder = attention_kernels.FirstCallInputs(layers)
+    with bf16_autocast():
+        model(torch.randn(3, 3, 16, 16))[0].backward()
+    recorder.close()
+    # the encoder sees the 4 visible patches and the class token, the decoder every patch and the class token
+    assert {name: tuple(args[0].shape) for name, (args, _) in recorder.inputs.items()} == {
+        "blocks.0.attn": (3, 5, 32), "decoder_blocks.0.attn": (3, 17, 32)}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert "blocks.0.attn.qkv.weight" in grads
+    rng = torch.get_rng_state()
+
+    chosen, lines = attention_kernels.choose_kernels(layers, recorder.inputs, bf16_autocast)
+
+    assert chosen.keys() == layers.keys() and set(chosen.values()) <= {"fused", "math"}
+    for name, layer in layers.items():
+        assert layer.fused_attn == (chosen[name] == "fused")
+    assert len(lines) == 2  # two distinct shapes, each timed once
+    for line in lines:  # the kept kernel is the one with the smaller time on the line
+        times = {kernel: float(line.split(f"{kernel} ")[1].split(" ms")[0]) for kernel in ("fused", "math")}
+        assert line.endswith(f"-> {min(times, key=times.get)}")
+    # timing touched neither the weights' gradients nor the random stream the run draws its masks from
+    assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters() if name in grads)
+    assert all(p.grad is None for name, p in model.named_parameters() if name not in grads)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_layers_alike_share_one_timing(micro_model):
+    model = create_model(micro_model, mask_ratio=0.75, depth=3)
+    layers = attention_kernels.attention_layers(model)
+    recorder = attention_kernels.FirstCallInputs(layers)
+    with torch.no_grad(), bf16_autocast():
+        model(torch.randn(2, 3, 16, 16))
+    recorder.close()
+    chosen, lines = attention_kernels.choose_kernels(layers, recorder.inputs, bf16_autocast)
+    assert len(chosen) == 4 and len(lines) == 2
+    assert lines[0].startswith("blocks.0.attn and 2 like it [2x5x32]")
+    assert len({chosen[f"blocks.{i}.attn"] for i in range(3)}) == 1
+
+
+def tiny_bf16_run(tiny_args, output_dir, *overrides):
+    return tiny_args(output_dir, "train.mixed_precision=bf16", "train.epochs=1", "train.log_every=1", *overrides)
+
+
+def test_auto_choice_is_logged_checkpointed_and_kept_on_resume(tmp_path, tiny_args, monkeypatch, caplog):
+    # a stand-in for the clock: explicit matmuls "win" everywhere, so both runs choose alike and the choice differs
+    # from the fused default that a resume forgetting it would fall back to
+    timed = []
+
+    def math_wins(layer, args, kwargs, autocast):
+        timed.append(tuple(args[0].shape))
+        return {"fused": 2.0, "math": 1.0}
+
+    monkeypatch.setattr(attention_kernels, "_time_kernels", math_wins)
+    run_a, run_b, run_fused = tmp_path / "a", tmp_path / "b", tmp_path / "fused"
+    with caplog.at_level(logging.INFO, logger="pretrain.engine"):
+        assert main(tiny_bf16_run(tiny_args, run_a, "train.save_every=2", "train.keep_last=100")) == 0
+    assert len(timed) == 2  # once per distinct layer, after the first step only
+    assert "attention kernels (bf16" in caplog.text and "-> math" in caplog.text
+    expected = {"blocks.0.attn": "math", "decoder_blocks.0.attn": "math"}
+    assert load_train_state(run_a / "checkpoints" / "step_00000002")["attention_kernels"] == expected
+
+    assert main(tiny_bf16_run(tiny_args, run_b, "train.save_every=2", "train.stop_after_steps=4")) == 0
+    monkeypatch.setattr(attention_kernels, "_time_kernels", lambda *a: pytest.fail("a resumed run timed again"))
+    assert main(tiny_bf16_run(tiny_args, run_b, "train.save_every=2", "train.resume=latest")) == 0
+    assert load_train_state(run_b / "checkpoints" / "step_00000008")["attention_kernels"] == expected
+    final_a = load_file(run_a / "checkpoints" / "step_00000008" / MODEL_FILE)
+    final_b = load_file(run_b / "checkpoints" / "step_00000008" / MODEL_FILE)
+    assert all(torch.equal(final_a[name], final_b[name]) for name in final_a)
+
+    # the test can tell: the fused kernel throughout ends elsewhere in bf16
+    assert main(tiny_bf16_run(tiny_args, run_fused, "train.attention=fused")) == 0
+    final_fused = load_file(run_fused / "checkpoints" / "step_00000008" / MODEL_FILE)
+    assert not all(torch.equal(final_a[name], final_fused[name]) for name in final_a)
+    assert load_train_state(run_fused / "checkpoints" / "step_00000008")["attention_kernels"] == {}
+
+
+def test_float32_auto_and_fixed_kernels_time_nothing(tmp_path, tiny_args, monkeypatch, micro_model):
+    monkeypatch.setattr(attention_kernels, "_time_kernels", lambda *a: pytest.fail("float32 auto timed kernels"))
+    assert main(tiny_args(tmp_path / "fp32", "train.stop_after_steps=2")) == 0  # mixed_precision=no
+
+    model = create_model(micro_model)
+    attention_kernels.set_kernels(model, "math")
+    assert not any(layer.fused_attn for layer in attention_kernels.attention_layers(model).values())
+
+
+def test_an_unknown_kernel_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.attention"):
+        load_config(MAEPretrainConfig, None, [f"output_dir={tmp_path}", "train.attention=flash"])
+    assert TrainConfig().attention == "auto"
