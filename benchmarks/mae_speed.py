@@ -39,7 +39,7 @@ Peak memory is persistent + transient: the bytes of the row's parameters, buffer
 exactly), plus the most memory a training step holds on top of them. On CUDA the transient part is
 torch.cuda.max_memory_allocated during one step minus the allocation before it. On CPU it is the peak resident set
 size during one step (sampled every 0.5 ms from /proc/self/statm by a thread) minus the RSS before it, measured
-after the timing with glibc told to return every block of 256 kB or more to the system when freed (mallopt), so
+after all the timing (of every precision: it slows later steps down) with glibc told to return every block of 256 kB or more to the system when freed (mallopt), so
 that the RSS follows the live tensors. (ru_maxrss of a subprocess per row would count torch.compile's own memory
 and the process's start-up instead.)
 
@@ -499,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     results, rates, hf_attention = [], {}, None
+    timed: dict[str, tuple[list[Row], float]] = {}  # precision -> (its rows, its reference matmul rate)
     for precision in precisions:
         rates[precision] = {name: matmul_rate(*shape, PRECISIONS[precision], device, args.matmul_seconds)
                             for name, shape in shapes.items()}
@@ -526,9 +527,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{precision} round {repeat + 1}/{args.repeats}: "
                   + ", ".join(f"{row.name} {row.times[-1]:.3f} s" for row in rows), flush=True)
 
-        if not args.no_memory and (device.type == "cuda" or Path("/proc/self/statm").is_file()):
-            # (not in the smoke run, which tests import and call in their own process)
-            exact = device.type == "cuda" or (not args.smoke and release_freed_memory_promptly())
+        timed[precision] = (rows, reference_rate)
+
+    # memory after every timing: the allocator settings it needs (mallopt) slow later steps down
+    if not args.no_memory and (device.type == "cuda" or Path("/proc/self/statm").is_file()):
+        # (not in the smoke run, which tests import and call in their own process)
+        exact = device.type == "cuda" or (not args.smoke and release_freed_memory_promptly())
+        for precision, (rows, _) in timed.items():
             for row in rows:
                 transient = transient_peak_bytes(row, images, device, precision)
                 persistent = persistent_bytes(row)
@@ -536,9 +541,10 @@ def main(argv: list[str] | None = None) -> int:
                               "transient_peak_bytes": transient, "memory_method": (
                                   "cuda max_memory_allocated" if device.type == "cuda" else
                                   "sampled RSS" + ("" if exact else " (allocator not tuned: approximate)"))}
+    for precision, (rows, reference_rate) in timed.items():
         results += summarise(rows, precision, reference_rate, args.batch_size)
-        del rows
-        gc.collect()
+    del timed
+    gc.collect()
 
     checks = targets(results)
     settings = {key: getattr(args, key) for key in ("model", "image_size", "batch_size", "mask_ratio", "warmup",
