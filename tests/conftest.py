@@ -23,11 +23,12 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision;
-    reset it after a test that trained in this process (as accelerate's own test cases do), so tests stay
-    independent of their order (e.g. "auto" resolving to bf16 on one machine and to "no" on another)."""
+    reset it after every test (as accelerate's own test cases do), so tests stay independent of their order (e.g.
+    "auto" resolving to bf16 on a CPU with bf16 units and a later test asking for "no": on an AVX512-BF16 machine a
+    test that trained with "auto" and did not ask for this reset broke every later CLIP test of the module)."""
     yield
     from accelerate.state import AcceleratorState, GradientState
 
