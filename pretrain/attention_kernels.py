@@ -3,8 +3,9 @@
 timm's attention layers (ViT's `Attention`, Swin's `WindowAttention`, ...) compute softmax(QK^T/sqrt(d))V either
 with torch's fused `scaled_dot_product_attention` or as explicit matmuls; their `fused_attn` attribute picks. Which
 is faster depends on the device, the precision and the shape: on 2 cores of an AVX512-BF16 AMD EPYC, MAE ViT-B's
-bf16 training step runs 14% faster with the explicit matmuls (the CPU flash kernel's bf16 backward is slow, while
-bf16 matmuls run at 2.7x float32's rate), and 8% slower in float32 (docs/benchmarks.md, "Attention kernels").
+bf16 training step runs 7% faster with the explicit matmuls (3.32 against 3.54 s; the CPU flash kernel's bf16
+backward is slow, while bf16 matmuls run at 2-2.7x float32's rate), and ~8% slower in float32 (docs/benchmarks.md,
+"bf16 on a CPU with bf16 units").
 
 `train.attention` (pretrain.config.TrainConfig):
 - "fused" / "math": every layer runs that kernel;
@@ -17,15 +18,12 @@ bf16 matmuls run at 2.7x float32's rate), and 8% slower in float32 (docs/benchma
 """
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import AbstractContextManager
 from typing import Any, Callable
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 KERNELS = ("fused", "math")
 ROUNDS = 5  # timed calls of each kernel per layer shape, alternating; the fastest call counts

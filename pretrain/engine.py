@@ -438,6 +438,8 @@ class Trainer:
             return {"step": self.step, "total_steps": sched.total_steps, **last_record}
         finally:  # a run that stops early (an error, a signal) stops its data workers now, not at exit
             stop_reading(batches)
+            if first_step_inputs is not None:  # it failed within its first step: no recording hooks left behind
+                first_step_inputs.close()
 
     def _record_attention_inputs(self) -> Optional[attention_kernels.FirstCallInputs]:
         """train.attention auto in reduced precision, with no choice restored from a checkpoint: record the attention
