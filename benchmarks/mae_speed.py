@@ -39,8 +39,8 @@ Peak memory is persistent + transient: the bytes of the row's parameters, buffer
 exactly), plus the most memory a training step holds on top of them. On CUDA the transient part is
 torch.cuda.max_memory_allocated during one step minus the allocation before it. On CPU it is the peak resident set
 size during one step (sampled every 0.5 ms from /proc/self/statm by a thread) minus the RSS before it, measured
-after all the timing (of every precision: it slows later steps down) with glibc told to return every block of 256 kB or more to the system when freed (mallopt), so
-that the RSS follows the live tensors. (ru_maxrss of a subprocess per row would count torch.compile's own memory
+after all the timing of every precision (it slows later steps down) with glibc told to return every block of
+256 kB or more to the system when freed (mallopt), so that the RSS follows the live tensors. (ru_maxrss of a subprocess per row would count torch.compile's own memory
 and the process's start-up instead.)
 
 On a CPU without bf16 matmul units (`pretrain.run.cpu_has_fast_bf16()` False, e.g. AVX2-only) bf16 runs ~100x
