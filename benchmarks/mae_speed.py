@@ -165,12 +165,13 @@ def make_row(name: str, args, device: torch.device, compile_default: bool, ours_
     make_optimizer = loop_adamw if name == "ours_loop_adamw" else build_optimizer
     optimizer = make_optimizer(model, optim, lr=1e-4)  # the engine's AdamW, the same for every row but one
     attention_inputs = None
-    if name == "ours_fused_attention":
-        attention_kernels.set_kernels(model, "fused")
-    elif name != "hf" and TrainConfig().attention != "auto":
-        attention_kernels.set_kernels(model, TrainConfig().attention)
-    elif name != "hf" and precision != "fp32" and not compiled:  # what the Trainer's train.attention auto does
+    attention = "fused" if name == "ours_fused_attention" else TrainConfig().attention
+    mixed_precision = "no" if precision == "fp32" else precision  # accelerate's name
+    if name != "hf" and attention_kernels.times_kernels(attention, mixed_precision, compiled=compiled):
+        # as the Trainer's train.attention auto: record the first step's inputs, choose after it (train_step)
         attention_inputs = attention_kernels.FirstCallInputs(attention_kernels.attention_layers(model))
+    elif name != "hf" and attention != "auto":
+        attention_kernels.set_kernels(model, attention)
     call = compile_for_training(model) if compiled else model
     if name == "hf":
         def loss_fn(images):

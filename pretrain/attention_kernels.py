@@ -29,6 +29,12 @@ KERNELS = ("fused", "math")
 ROUNDS = 5  # timed calls of each kernel per layer shape, alternating; the fastest call counts
 
 
+def times_kernels(attention: str, mixed_precision: str, sharded: bool = False, compiled: bool = False) -> bool:
+    """Whether `train.attention` `attention` chooses each layer's kernel by timing: "auto", in bf16 or fp16
+    (accelerate's `mixed_precision`), neither sharded by FSDP nor compiled."""
+    return attention == "auto" and mixed_precision in ("bf16", "fp16") and not sharded and not compiled
+
+
 def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers whose kernel can be chosen (timm's `fused_attn` switch), by qualified name."""
     return {name: module for name, module in model.named_modules() if isinstance(getattr(module, "fused_attn", None), bool)}

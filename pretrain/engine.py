@@ -445,8 +445,8 @@ class Trainer:
         """train.attention auto in reduced precision, with no choice restored from a checkpoint: record the attention
         layers' inputs during this run's first step, to time their kernels on (`_choose_attention_kernels`)."""
         layers = attention_kernels.attention_layers(self.unwrapped_model)
-        if (self.train_cfg.attention != "auto" or self.attention_kernels or not layers
-                or self.accelerator.mixed_precision not in ("bf16", "fp16") or self._sharded() or self.train_cfg.compile):
+        if self.attention_kernels or not layers or not attention_kernels.times_kernels(
+                self.train_cfg.attention, self.accelerator.mixed_precision, self._sharded(), self.train_cfg.compile):
             return None
         return attention_kernels.FirstCallInputs(layers)
 

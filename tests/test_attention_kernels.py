@@ -13,7 +13,7 @@ from pretrain.cli import main
 from pretrain.config import ConfigError, TrainConfig, load_config, MAEPretrainConfig
 from pretrain.models import create_model
 
-pytestmark = pytest.mark.usefixtures("single_thread", "fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def bf16_autocast():
@@ -114,3 +114,12 @@ def test_an_unknown_kernel_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="train.attention"):
         load_config(MAEPretrainConfig, None, [f"output_dir={tmp_path}", "train.attention=flash"])
     assert TrainConfig().attention == "auto"
+
+
+def test_only_auto_in_reduced_precision_unsharded_and_eager_times_kernels():
+    """The one rule the Trainer and benchmarks/mae_speed.py share."""
+    assert attention_kernels.times_kernels("auto", "bf16") and attention_kernels.times_kernels("auto", "fp16")
+    assert not attention_kernels.times_kernels("auto", "no")
+    assert not attention_kernels.times_kernels("fused", "bf16") and not attention_kernels.times_kernels("math", "bf16")
+    assert not attention_kernels.times_kernels("auto", "bf16", sharded=True)
+    assert not attention_kernels.times_kernels("auto", "bf16", compiled=True)
