@@ -147,8 +147,7 @@ def test_finetune_from_simmim(finetuned, backbone):
 
 
 @pytest.mark.parametrize("student, teacher", [("dat", "crossformer"), ("mswin", "aa_resnet")])
-def test_distillation_between_backbones(finetuned, simmim_runs, tiny_shards, tmp_path, student, teacher,
-                                        fresh_accelerate_state):
+def test_distillation_between_backbones(finetuned, simmim_runs, tiny_shards, tmp_path, student, teacher):
     """The student keeps its class head for both terms (no distillation token outside ViTs)."""
     out = tmp_path / "student"
     argv = finetune_argv(out, tiny_shards, f"encoder.checkpoint={simmim_runs[student]}",
@@ -161,7 +160,7 @@ def test_distillation_between_backbones(finetuned, simmim_runs, tiny_shards, tmp
 
 @pytest.mark.parametrize("backbone, task", [("dat", "knn"), ("mswin", "knn"), ("aa_resnet", "linear_probe"),
                                             ("crossformer", "linear_probe")])
-def test_frozen_feature_heads(simmim_runs, tiny_shards, tmp_path, backbone, task, fresh_accelerate_state):
+def test_frozen_feature_heads(simmim_runs, tiny_shards, tmp_path, backbone, task):
     train_dir, val_dir = tiny_shards
     out = tmp_path / task
     argv = [f"task={task}", f"encoder.checkpoint={simmim_runs[backbone]}", f"data.train={train_dir}",

@@ -23,7 +23,7 @@ from pretrain.tasks import CLIPTask
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.usefixtures("single_thread", "fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

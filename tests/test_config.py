@@ -17,7 +17,7 @@ from pretrain.config import ConfigError, MAEPretrainConfig, load_config, save_co
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "mae_vit_tiny_demo.yaml"
 
-pytestmark = pytest.mark.usefixtures("single_thread", "fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def error_line(capsys) -> str:

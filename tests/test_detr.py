@@ -254,8 +254,7 @@ def square_shards(tmp_path_factory):
     return dirs
 
 
-def test_tiny_detr_run_trains_evaluates_and_writes_metrics_weights_and_picture(square_shards, tmp_path, micro_model,
-                                                                              fresh_accelerate_state):
+def test_tiny_detr_run_trains_evaluates_and_writes_metrics_weights_and_picture(square_shards, tmp_path, micro_model):
     out = tmp_path / "run"
     argv = [
         "task=detr", f"output_dir={out}", f"data.train={square_shards['train']}", f"data.val={square_shards['val']}",

@@ -52,7 +52,6 @@ def test_two_processes_share_one_global_batch_and_one_log(two_process_mae):
     assert (out / "reconstructions.png").is_file()
 
 
-@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_two_processes_take_the_main_process_attention_kernels(tiny_shards, tmp_path):
     """train.attention auto in bf16: the main process times the kernels after the first step, every process takes
     its choice (broadcast), it is logged once and checkpointed."""

@@ -127,7 +127,7 @@ def _small_hf_mae(folder, **config):
 
 
 def test_hf_import_gives_the_same_outputs_and_feeds_pretraining_and_heads(tmp_path, tiny_args, tiny_shards,
-                                                                           single_thread, fresh_accelerate_state):
+                                                                           single_thread):
     hf = _small_hf_mae(tmp_path / "hf")
     ours_dir = tmp_path / "ours"
     assert export_main(["from-hf", str(tmp_path / "hf"), "--out", str(ours_dir)]) == 0

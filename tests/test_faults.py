@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = ("train.epochs=2", "optim.base_lr=1e-3", "optim.warmup_epochs=0.5", "train.log_every=1")
 LAST = 16
 
-pytestmark = pytest.mark.usefixtures("single_thread", "fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

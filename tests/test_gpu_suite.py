@@ -25,8 +25,7 @@ def suite():
     return module
 
 
-def test_smoke_run_prints_one_table_and_writes_the_same_figures(suite, tmp_path, capsys, single_thread,
-                                                               fresh_accelerate_state):
+def test_smoke_run_prints_one_table_and_writes_the_same_figures(suite, tmp_path, capsys, single_thread):
     from pretrain.run import resolve_precision
 
     out = tmp_path / "suite.json"

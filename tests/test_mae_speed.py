@@ -83,8 +83,7 @@ def test_encoder_mask_tokens_runs_the_encoder_over_the_full_grid():
     assert full.encoder_mask_token.grad.abs().sum() > 0
 
 
-def test_train_compile_trains_like_eager_and_checkpoints_plain_weights(tmp_path, tiny_args, single_thread,
-                                                                      fresh_accelerate_state):
+def test_train_compile_trains_like_eager_and_checkpoints_plain_weights(tmp_path, tiny_args, single_thread):
     import torch._inductor.config as inductor_config
 
     # compiled torch.rand draws eager's masks; torch's own patch, as monkeypatch's undo deleted the setting for

@@ -14,7 +14,7 @@ from finetune.cli import main as finetune_main
 from pretrain.cli import main
 from pretrain.visualize import save_loss_curve
 
-pytestmark = pytest.mark.usefixtures("single_thread", "fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 KNN_KEYS = ("eval/knn_top1", "eval/knn_top5")
 

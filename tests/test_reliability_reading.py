@@ -31,7 +31,7 @@ HANG_GUARD_S = 180  # far beyond what any run here needs: only a process that ha
 QUICK = ["train.epochs=1", "train.batch_size=8", "train.mixed_precision=no", "logging.wandb=disabled",
          "logging.progress_bar=false"]
 
-pytestmark = pytest.mark.usefixtures("single_thread", "fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -213,7 +213,6 @@ def test_simmim_forward_backward_with_l1_on_masked_pixels_only():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-@pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("name, extra", [(UM_TINY, []), (SIMMIM_TINY, ["model.mask_ratio=0.6",
                                                                          "model.norm_pix_loss=false"])])
 def test_tiny_run_through_the_cli_writes_weights_and_pictures(tmp_path, tiny_args, name, extra):

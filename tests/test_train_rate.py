@@ -7,7 +7,7 @@ import pytest
 from benchmark_helpers import load_benchmark
 
 
-@pytest.mark.usefixtures("single_thread", "fresh_accelerate_state")
+@pytest.mark.usefixtures("single_thread")
 def test_train_rate_rows_and_json(tmp_path, capsys, micro_model, tiny_shards):
     train_dir, val_dir = tiny_shards
     overrides = [f"model.name={micro_model}", f"data.train={train_dir}", f"data.val={val_dir}", "data.image_size=16",

@@ -61,7 +61,7 @@ def assert_comparison_consistent(metrics: dict, templates: list[str]) -> None:
 
 
 def test_each_templates_top1_equals_its_classifier_by_hand_and_the_ensemble_is_unchanged(
-        clip_run, tiny_shards, single_thread, fresh_accelerate_state):
+        clip_run, tiny_shards, single_thread):
     from accelerate import Accelerator
 
     from data import clip_eval_transform
