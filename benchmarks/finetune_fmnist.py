@@ -9,6 +9,10 @@
 
     python benchmarks/finetune_fmnist.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench_fmnist/finetune.json
     python benchmarks/finetune_fmnist.py --smoke        # minutes: the bundled 3k images, a few steps per run
+    python benchmarks/finetune_fmnist.py --part distillation --json runs/bench_fmnist/finetune.json  # (b) only
+
+`--part finetune` / `--part distillation` runs (a) / (b) alone and keeps the other part's figures from the --json
+file it updates (the whole script is longer than a working session on 2 cores).
 
 Steps (each skipped when its output exists; an interrupted run resumes from its latest checkpoint):
 1. `python -m data idx` writes the 54,000 / 6,000 split as shards (as benchmarks/linear_probe.py; reused).
@@ -69,9 +73,17 @@ def main() -> None:
     parser.add_argument("--work-dir", default=None, help="default: runs/bench_fmnist (--smoke: runs/bench_finetune_smoke)")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="override the finetuning config's epochs")
     parser.add_argument("--distill-epochs", type=int, default=None, help="override the distillation config's epochs")
+    parser.add_argument("--part", choices=("all", "finetune", "distillation"), default="all",
+                        help="run (a) or (b) alone; the other part's figures are kept from the --json file")
     parser.add_argument("--smoke", action="store_true", help="tiny: bundled images, 1 epoch of 256 images per run")
     parser.add_argument("--json", help="also write the figures as JSON to this path")
     args = parser.parse_args()
+    earlier = {}
+    if args.part != "all":
+        if not (args.json and Path(args.json).is_file()):
+            parser.error(f"--part {args.part} keeps the other part's figures from an earlier --json file: "
+                         f"{args.json or 'no --json given'} does not exist")
+        earlier = json.loads(Path(args.json).read_text())
 
     work = Path(args.work_dir or ("runs/bench_finetune_smoke" if args.smoke else "runs/bench_fmnist"))
     shards = work / "shards"
@@ -79,61 +91,37 @@ def main() -> None:
     prepare_shards(args.fashion_mnist, shards, args.smoke, seconds)
     common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *(SMOKE if args.smoke else [])]
 
-    mae_dir = work / "mae"
-    if not (mae_dir / "reconstructions.png").is_file():
-        argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *common,
-                "train.overwrite=true",
-                *(["train.epochs=1", "num_pictures=2", "eval.every_epochs=0"] if args.smoke else [])]
-        seconds.record("MAE pretraining", run("pretrain", pretrain_main, argv))
-
     def epochs_of(config: Path, override: int | None) -> int:
         return 1 if args.smoke else override or yaml.safe_load(config.read_text())["train"]["epochs"]
 
-    # (a) MAE -> finetune vs the same ViT from scratch, same budget
-    finetune_epochs = epochs_of(FINETUNE_CONFIG, args.finetune_epochs)
-    runs_a = {
-        "MAE pretrained": finetune("finetune from MAE", FINETUNE_CONFIG, work / "finetune_mae",
-                                   [*common, f"encoder.checkpoint={mae_dir}"], finetune_epochs, seconds),
-        "from scratch": finetune("train from scratch", FINETUNE_CONFIG, work / "finetune_scratch",
-                                 [*common, "encoder.checkpoint=null", "layer_decay=null"], finetune_epochs, seconds),
-    }
-    # (b) DeiT: a convnet trained from scratch teaches a smaller ViT trained from scratch
-    teacher_dir = work / "teacher_cnn"
-    teacher = finetune("train the teacher", TEACHER_CONFIG, teacher_dir, common,
-                       epochs_of(TEACHER_CONFIG, None), seconds)
-    distill_epochs = epochs_of(DISTILL_CONFIG, args.distill_epochs)
-    # the teacher's last checkpoint, not its best/ weights: those were chosen on the validation split the students
-    # are measured on
-    teacher_weights = find_latest(teacher_dir / "checkpoints")
-    runs_b = {
-        kind: finetune(f"student, distillation {kind}", DISTILL_CONFIG, work / f"distill_{kind}",
-                       [*common, f"distillation.kind={kind}",
-                        f"distillation.teacher={teacher_weights if kind != 'none' else 'null'}"],
-                       distill_epochs, seconds)
-        for kind in ("none", "soft", "hard")
-    }
+    if args.part == "distillation":
+        part_a = earlier["finetune"]
+    else:
+        part_a = finetune_part(work, common, epochs_of(FINETUNE_CONFIG, args.finetune_epochs), args.smoke, seconds)
+    if args.part == "finetune":
+        part_b = earlier["distillation"]
+    else:
+        part_b = distillation_part(work, common, epochs_of(TEACHER_CONFIG, None),
+                                   epochs_of(DISTILL_CONFIG, args.distill_epochs), seconds)
 
     result = {
         "benchmark": "finetuning and DeiT distillation on Fashion-MNIST (54k train / 6k held-out val)"
                      + (" [SMOKE: bundled 2.7k/300 images, 256 images per run]" if args.smoke else ""),
-        "finetune": {"config": str(FINETUNE_CONFIG.relative_to(REPO)), "epochs": finetune_epochs,
-                     "runs": {name: summary(m) for name, m in runs_a.items()}},
-        "distillation": {"config": str(DISTILL_CONFIG.relative_to(REPO)), "epochs": distill_epochs,
-                         "training_images_per_epoch": runs_b["none"]["num_train"],
-                         "teacher": {"config": str(TEACHER_CONFIG.relative_to(REPO)), "weights": str(teacher_weights),
-                                     **summary(teacher)},
-                         "runs": {kind: summary(m) for kind, m in runs_b.items()}},
-        "summary": summary_rows(runs_a, teacher, runs_b),
+        "finetune": part_a,
+        "distillation": part_b,
+        "summary": summary_rows(part_a["runs"], part_b["teacher"], part_b["runs"]),
         "seconds": seconds,
     }
+    runs_a, teacher, runs_b = part_a["runs"], part_b["teacher"], part_b["runs"]
     finetuned = runs_a["MAE pretrained"]
-    print(f"\n(a) finetuning, {finetune_epochs} epoch(s), {finetuned['num_train']} training images, "
-          f"{finetuned['num_samples']} validation images\n")
+    print(f"\n(a) finetuning, {part_a['epochs']} epoch(s), {finetuned.get('num_train', '?')} training images, "
+          f"{finetuned.get('num_samples', '?')} validation images\n")
     print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")
     for name, m in runs_a.items():
         print(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['best_top1']:.2f} ({m['best_epoch']}) |")
-    print(f"\n(b) DeiT distillation, {distill_epochs} epoch(s) of {runs_b['none']['num_train']} images; teacher: "
-          f"{teacher['model']} trained {teacher['epochs']} epoch(s), last weights, top-1 {teacher['top1']:.2f}%\n")
+    print(f"\n(b) DeiT distillation, {part_b['epochs']} epoch(s) of {part_b['training_images_per_epoch']} images; "
+          f"teacher: {teacher['model']} trained {teacher['epochs']} epoch(s), last weights, top-1 "
+          f"{teacher['top1']:.2f}%\n")
     print("| student distillation | top-1 (%) | top-5 (%) | class head top-1 (%) | distillation head top-1 (%) |"
           "\n|---|---|---|---|---|")
     for kind, m in runs_b.items():
@@ -142,6 +130,47 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def finetune_part(work: Path, common: list[str], epochs: int, smoke: bool, seconds: StepSeconds) -> dict:
+    """(a) MAE -> finetune against the same ViT from scratch, same budget (the MAE pretrained first if needed)."""
+    mae_dir = work / "mae"
+    if not (mae_dir / "reconstructions.png").is_file():
+        argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *common,
+                "train.overwrite=true",
+                *(["train.epochs=1", "num_pictures=2", "eval.every_epochs=0"] if smoke else [])]
+        seconds.record("MAE pretraining", run("pretrain", pretrain_main, argv))
+
+    runs = {
+        "MAE pretrained": finetune("finetune from MAE", FINETUNE_CONFIG, work / "finetune_mae",
+                                   [*common, f"encoder.checkpoint={mae_dir}"], epochs, seconds),
+        "from scratch": finetune("train from scratch", FINETUNE_CONFIG, work / "finetune_scratch",
+                                 [*common, "encoder.checkpoint=null", "layer_decay=null"], epochs, seconds),
+    }
+    return {"config": str(FINETUNE_CONFIG.relative_to(REPO)), "epochs": epochs,
+            "runs": {name: summary(m) for name, m in runs.items()}}
+
+
+def distillation_part(work: Path, common: list[str], teacher_epochs: int, epochs: int, seconds: StepSeconds) -> dict:
+    """(b) DeiT: a convnet trained from scratch teaches a smaller ViT trained from scratch, with no, soft and hard
+    distillation and the same budget."""
+    teacher_dir = work / "teacher_cnn"
+    teacher = finetune("train the teacher", TEACHER_CONFIG, teacher_dir, common, teacher_epochs, seconds)
+    # the teacher's last checkpoint, not its best/ weights: those were chosen on the validation split the students
+    # are measured on
+    teacher_weights = find_latest(teacher_dir / "checkpoints")
+    runs = {
+        kind: finetune(f"student, distillation {kind}", DISTILL_CONFIG, work / f"distill_{kind}",
+                       [*common, f"distillation.kind={kind}",
+                        f"distillation.teacher={teacher_weights if kind != 'none' else 'null'}"],
+                       epochs, seconds)
+        for kind in ("none", "soft", "hard")
+    }
+    return {"config": str(DISTILL_CONFIG.relative_to(REPO)), "epochs": epochs,
+            "training_images_per_epoch": runs["none"]["num_train"],
+            "teacher": {"config": str(TEACHER_CONFIG.relative_to(REPO)), "weights": str(teacher_weights),
+                        **summary(teacher)},
+            "runs": {kind: summary(m) for kind, m in runs.items()}}
 
 
 FINETUNE_TARGET = 93.0  # issue 16's target for MAE -> finetune
@@ -168,7 +197,7 @@ def summary_rows(finetuned: dict[str, dict], teacher: dict, students: dict[str, 
 
 def summary(metrics: dict) -> dict:
     keys = ("top1", "top5", "best_top1", "best_epoch", "cls_top1", "dist_top1", "epochs", "steps", "model",
-            "classifier")
+            "classifier", "num_train", "num_samples")
     return {k: metrics[k] for k in keys if k in metrics} | {"history": [
         {k: h[k] for k in ("epoch", "top1", "train_loss") if k in h} for h in metrics["history"]]}
 

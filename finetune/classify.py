@@ -212,7 +212,10 @@ def load_teacher(cfg: DistillationConfig, num_classes: int, image_size: int) -> 
     if classes != num_classes:
         raise ConfigError(f"the teacher {teacher.description} predicts {classes} classes, the data has {num_classes}")
     teacher_size = source.image_size or recorded_image_size(teacher.spec) or image_size
-    return FrozenTeacher(teacher.model, teacher_size if teacher_size != image_size else None), teacher.description
+    if teacher_size == image_size:
+        return FrozenTeacher(teacher.model, None), teacher.description
+    return (FrozenTeacher(teacher.model, teacher_size),
+            f"{teacher.description} at {teacher_size}x{teacher_size} (the students' images resized)")
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:

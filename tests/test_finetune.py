@@ -251,8 +251,7 @@ def test_finetune_end_to_end_writes_metrics_and_best_and_last_weights(finetuned_
     assert (out / "checkpoints" / "step_00000008" / "model.safetensors").is_file()
 
 
-def test_distillation_end_to_end_from_a_finetuned_teacher(finetuned_run, tiny_shards, micro_model, tmp_path,
-                                                          fresh_accelerate_state):
+def test_distillation_end_to_end_from_a_finetuned_teacher(finetuned_run, tiny_shards, micro_model, tmp_path):
     out = tmp_path / "student"
     argv = finetune_argv("distill_vit_tiny_fmnist.yaml", out, tiny_shards, f"encoder.model_name={micro_model}", "encoder.model_kwargs={}", "encoder.checkpoint=null",
                          f"distillation.teacher={finetuned_run}", "distillation.kind=hard", "train.epochs=1")
@@ -266,13 +265,15 @@ def test_distillation_end_to_end_from_a_finetuned_teacher(finetuned_run, tiny_sh
     assert {"label_loss", "distillation_loss"} <= log[-1].keys()
 
 
-def test_a_convnet_trained_from_scratch_teaches_a_vit(tiny_shards, micro_model, tmp_path, fresh_accelerate_state):
-    """The Fashion-MNIST DeiT road: configs/teacher_cnn_fmnist.yaml trains a timm ResNet-18 from scratch; its
-    checkpoint, read back as our classifier (its head included), teaches a ViT student by hard distillation."""
+def test_a_convnet_trained_from_scratch_teaches_a_vit(tiny_shards, micro_model, tmp_path):
+    """The Fashion-MNIST DeiT road: configs/teacher_cnn_fmnist.yaml trains a timm ResNet-18 from scratch at a larger
+    input size than the student's; its checkpoint, read back as our classifier (its head included) with the size it
+    was trained at, teaches a ViT student by hard distillation on the student's images resized to that size."""
     from accelerate.state import AcceleratorState, GradientState
 
     teacher_dir = tmp_path / "teacher"
-    assert finetune_main(finetune_argv("teacher_cnn_fmnist.yaml", teacher_dir, tiny_shards, "train.epochs=1")) == 0
+    assert finetune_main(finetune_argv("teacher_cnn_fmnist.yaml", teacher_dir, tiny_shards, "train.epochs=1",
+                                       "data.image_size=24")) == 0
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
@@ -285,7 +286,8 @@ def test_a_convnet_trained_from_scratch_teaches_a_vit(tiny_shards, micro_model, 
                          "train.epochs=1")
     assert finetune_main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["teacher"] == f"finetuned classifier {weights / 'model.safetensors'}"
+    assert metrics["teacher"] == (f"finetuned classifier {weights / 'model.safetensors'} at 24x24 "
+                                  f"(the students' images resized)")
     assert metrics["classifier"] == "VisionTransformerDistilled" and 0 <= metrics["dist_top1"] <= 100
 
 
@@ -307,8 +309,7 @@ def test_our_swin_mae_checkpoint_finetunes_as_a_timm_swin(tmp_path):
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_a_resumed_finetune_keeps_the_earlier_epochs_in_its_history(mae_checkpoint, tiny_shards, tmp_path,
-                                                                      fresh_accelerate_state):
+def test_a_resumed_finetune_keeps_the_earlier_epochs_in_its_history(mae_checkpoint, tiny_shards, tmp_path):
     out = tmp_path / "run"
     argv = finetune_argv("finetune_mae_tiny_fmnist.yaml", out, tiny_shards, f"encoder.checkpoint={mae_checkpoint}",
                          "train.save_every=4")
@@ -357,8 +358,7 @@ sys.exit(main(sys.argv[2:]))
 '''
 
 
-def test_a_finetune_with_ema_killed_and_resumed_ends_bit_identical(mae_checkpoint, tiny_shards, tmp_path,
-                                                                    fresh_accelerate_state):
+def test_a_finetune_with_ema_killed_and_resumed_ends_bit_identical(mae_checkpoint, tiny_shards, tmp_path):
     """SIGKILL in step 7 of 8 (checkpoints every 2 steps: the resumed run redoes step 7 from step 6): the weights,
     the EMA's weights, the checkpoint's task state and the evaluation history equal the uninterrupted run's."""
     import subprocess

@@ -1,8 +1,11 @@
-"""The Fashion-MNIST benchmarks' shared steps: wall times kept across invocations, runs of another recipe found."""
+"""The Fashion-MNIST benchmarks' shared steps: wall times kept across invocations, runs of another recipe found,
+one part of a benchmark rerun while the other's figures are kept."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
 
 from benchmark_helpers import load_benchmark
 
@@ -43,3 +46,42 @@ def test_a_run_of_another_recipe_is_told_apart_from_one_to_resume_or_skip(tmp_pa
     # another teacher, another schedule: not a result of this recipe
     assert fmnist_steps.recipe_changes(out, FinetuneConfig, config, [
         *overrides, "distillation.teacher=runs/teacher_b", "train.epochs=4"]) == ["distillation.teacher", "train.epochs"]
+
+
+def test_finetune_benchmark_runs_one_part_and_keeps_the_others_figures(tmp_path, monkeypatch, capsys):
+    """`finetune_fmnist.py --part distillation` reruns (b) only: (a)'s figures come from the --json file it updates,
+    the summary rows are rebuilt from both; without an earlier file it is one clear error."""
+    bench = load_benchmark("finetune_fmnist")
+    monkeypatch.setattr(bench, "prepare_shards", lambda *args: None)
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["finetune_fmnist.py", "--work-dir", str(tmp_path / "work"), *args])
+        bench.main()
+
+    figures = tmp_path / "finetune.json"
+    with pytest.raises(SystemExit) as exit_info:
+        run("--part", "distillation", "--json", str(figures))
+    assert exit_info.value.code == 2 and str(figures) in capsys.readouterr().err.splitlines()[-1]
+
+    def student(top1):
+        return {"top1": top1, "top5": 99.0, "best_top1": top1, "best_epoch": 3, "model": "a student",
+                "num_train": 54000, "num_samples": 6000, "history": []}
+
+    finetune_part = {"config": "configs/finetune_mae_tiny_fmnist.yaml", "epochs": 6,
+                     "runs": {"MAE pretrained": student(88.7), "from scratch": student(79.3)}}
+    figures.write_text(json.dumps({"finetune": finetune_part, "distillation": {}, "summary": []}))
+    new_distillation = {"config": "configs/distill_vit_tiny_fmnist.yaml", "epochs": 3,
+                        "training_images_per_epoch": 54000, "teacher": {**student(93.5), "epochs": 10},
+                        "runs": {"none": student(72.7), "soft": student(75.6), "hard": student(76.0)}}
+    called = []
+    monkeypatch.setattr(bench, "finetune_part", lambda *args: called.append("finetune"))
+    monkeypatch.setattr(bench, "distillation_part", lambda *args: called.append("distillation") or new_distillation)
+    run("--part", "distillation", "--json", str(figures))
+
+    assert called == ["distillation"]
+    written = json.loads(figures.read_text())
+    assert written["finetune"] == finetune_part and written["distillation"] == new_distillation
+    rows = {row["row"]: row for row in written["summary"]}
+    assert rows["MAE tiny ViT -> finetune"]["value"] == 88.7
+    assert rows["DeiT teacher (ResNet-18 from scratch)"]["value"] == 93.5
+    assert rows["DeiT student, hard distillation"]["target"] == 72.7 + 1
