@@ -3,9 +3,10 @@
 (a) Does MAE pretraining help finetuning? The tiny ViT finetuned from the MAE checkpoint vs the same ViT trained
     from scratch with the same budget (same recipe, epochs and batch; the scratch run has no layer-wise lr decay,
     which only makes sense for pretrained layers).
-(b) DeiT: a ResNet-18 trained from scratch at 32 px is the teacher (DeiT distils from a convnet); a smaller ViT
-    (4 blocks, 128-d) is trained from scratch with no distillation, soft distillation and hard distillation (the
-    last two with a distillation token), same budget.
+(b) DeiT: a ResNet-18 trained from scratch on the images upsampled to 64 px is the teacher (DeiT distils from a
+    convnet); a smaller ViT (4 blocks, 128-d, 32 px) is trained from scratch with no distillation, soft distillation
+    and hard distillation (the last two with a distillation token, the teacher fed the students' images resized),
+    same budget.
 
     python benchmarks/finetune_fmnist.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench_fmnist/finetune.json
     python benchmarks/finetune_fmnist.py --smoke        # minutes: the bundled 3k images, a few steps per run
