@@ -7,11 +7,16 @@ pretrained layers). The bar: each pretrained Swin finishes above the one trained
 
     python benchmarks/swin_fmnist.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench_fmnist/swin.json
     python benchmarks/swin_fmnist.py --smoke        # minutes: the bundled 3k images, a few steps per run
+    python benchmarks/swin_fmnist.py --part SimMIM --json docs/results/swin.json   # SimMIM's runs only
+
+`--part UM-MAE` / `--part SimMIM` reruns that method's pretraining and finetuning alone and keeps the other
+method's and the from-scratch run's figures from the --json file it updates.
 
 Steps (each skipped when its output exists; an interrupted run resumes from its latest checkpoint):
 1. `python -m data idx` writes the 54,000 / 6,000 split as shards (as benchmarks/linear_probe.py; reused).
 2. `python -m pretrain` trains UM-MAE (configs/ummae_swin_tiny_fmnist.yaml) and SimMIM
-   (configs/simmim_swin_tiny_fmnist.yaml); a run is done once its reconstructions.png is written.
+   (configs/simmim_swin_tiny_fmnist.yaml); a run is done once its reconstructions.png is written (a run of another
+   recipe starts over).
 3. `python -m finetune` finetunes (configs/finetune_swin_tiny_fmnist.yaml) from UM-MAE, from SimMIM and from scratch.
 4. The table of the three, and the pretraining runs' final loss and k-NN monitor (top-1 by step).
 """
@@ -29,10 +34,11 @@ sys.path.insert(0, str(REPO))
 
 from pretrain.checkpoint import find_latest  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
+from pretrain.config import MAEPretrainConfig  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
 from finetune_fmnist import SMOKE, finetune, summary  # noqa: E402
-from fmnist_steps import StepSeconds, prepare_shards, run  # noqa: E402
+from fmnist_steps import StepSeconds, prepare_shards, recipe_changes, run  # noqa: E402
 
 PRETRAIN_CONFIGS = {"UM-MAE": REPO / "configs/ummae_swin_tiny_fmnist.yaml",
                     "SimMIM": REPO / "configs/simmim_swin_tiny_fmnist.yaml"}
@@ -45,16 +51,20 @@ SMOKE_PRETRAIN = ["num_pictures=2", "eval.max_images=100", "eval.max_bank_images
 
 def pretrain(method: str, out: Path, overrides: list[str], epochs: int, seconds: StepSeconds) -> dict:
     """Run (or resume, or skip once its reconstructions.png exists) one `python -m pretrain` run into `out`; its
-    steps, final loss and k-NN monitor from log.jsonl."""
-    if (out / "reconstructions.png").is_file():
+    steps, final loss and k-NN monitor from log.jsonl. A run that `out` holds from another recipe (its config.yaml
+    differs) starts over."""
+    overrides = [f"output_dir={out}", f"train.epochs={epochs}", *overrides]
+    changed = recipe_changes(out, MAEPretrainConfig, PRETRAIN_CONFIGS[method], overrides)
+    if changed:
+        print(f"\n== {method} pretraining: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
+    if not changed and (out / "reconstructions.png").is_file():
         print(f"\n== {method} pretraining: done earlier ({out})")
     else:
         # an interrupted run continues from its latest checkpoint; one that wrote none starts over
-        restart = "train.resume=latest" if find_latest(out / "checkpoints") else "train.overwrite=true"
-        argv = ["--config", str(PRETRAIN_CONFIGS[method]), f"output_dir={out}", f"train.epochs={epochs}", restart,
-                *overrides]
-        seconds.record(f"{method} pretraining", run(f"{method} pretraining", pretrain_main, argv),
-                       resumed=restart == "train.resume=latest")
+        resume = not changed and find_latest(out / "checkpoints") is not None
+        argv = ["--config", str(PRETRAIN_CONFIGS[method]), *overrides,
+                "train.resume=latest" if resume else "train.overwrite=true"]
+        seconds.record(f"{method} pretraining", run(f"{method} pretraining", pretrain_main, argv), resumed=resume)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     last = next(line for line in reversed(log) if "loss" in line)
     knn = {line["step"]: line["eval/knn_top1"] for line in log if "eval/knn_top1" in line}  # a resume repeats steps
@@ -78,9 +88,19 @@ def main() -> None:
                         help="override the pretraining configs' epochs (a finished pretraining run is kept)")
     parser.add_argument("--finetune-epochs", type=positive, default=None,
                         help="override the finetuning config's epochs")
+    parser.add_argument("--part", choices=("all", *PRETRAIN_CONFIGS), default="all",
+                        help="one method's runs alone; the other runs' figures are kept from the --json file")
     parser.add_argument("--smoke", action="store_true", help="tiny: bundled images, 1 epoch of 256 images per run")
     parser.add_argument("--json", help="also write the figures as JSON to this path")
     args = parser.parse_args()
+    earlier = {"pretraining": {}, "rows": []}
+    if args.part != "all":
+        if not (args.json and Path(args.json).is_file()):
+            parser.error(f"--part {args.part} keeps the other runs' figures from an earlier --json file: "
+                         f"{args.json or 'no --json given'} does not exist")
+        earlier = json.loads(Path(args.json).read_text())
+    rerun = set(PRETRAIN_CONFIGS) if args.part == "all" else {args.part}
+    earlier_runs = {row["initialisation"]: row for row in earlier["rows"]}
 
     work = Path(args.work_dir or ("runs/bench_swin_smoke" if args.smoke else "runs/bench_fmnist"))
     shards = work / "shards"
@@ -94,6 +114,7 @@ def main() -> None:
     pretrained = {
         method: pretrain(method, work / PRETRAIN_DIRS[method], [*common, *(SMOKE_PRETRAIN if args.smoke else [])],
                          epochs_of(config, args.pretrain_epochs), seconds)
+        if method in rerun else earlier["pretraining"][method]
         for method, config in PRETRAIN_CONFIGS.items()
     }
 
@@ -101,10 +122,12 @@ def main() -> None:
     runs = {
         f"{method} pretrained": finetune(f"finetune from {method}", FINETUNE_CONFIG, work / f"finetune_{folder}",
                                          [*common, f"encoder.checkpoint={work / folder}"], finetune_epochs, seconds)
+        if method in rerun else earlier_runs[f"{method} pretrained"]
         for method, folder in PRETRAIN_DIRS.items()
     }
-    runs[SCRATCH] = finetune("train from scratch", FINETUNE_CONFIG, work / "finetune_scratch_swin",
-                             [*common, "encoder.checkpoint=null", "layer_decay=null"], finetune_epochs, seconds)
+    runs[SCRATCH] = (finetune("train from scratch", FINETUNE_CONFIG, work / "finetune_scratch_swin",
+                              [*common, "encoder.checkpoint=null", "layer_decay=null"], finetune_epochs, seconds)
+                     if args.part == "all" else earlier_runs[SCRATCH])
 
     result = {
         "benchmark": "small Swin finetuning on Fashion-MNIST (54k train / 6k held-out val), UM-MAE / SimMIM vs scratch"
@@ -116,8 +139,8 @@ def main() -> None:
         "seconds": seconds,
     }
     scratch = runs[SCRATCH]
-    print(f"\nSwin finetuning, {finetune_epochs} epoch(s), {scratch['num_train']} training images, "
-          f"{scratch['num_samples']} validation images\n")
+    print(f"\nSwin finetuning, {finetune_epochs} epoch(s), {scratch.get('num_train', '?')} training images, "
+          f"{scratch.get('num_samples', '?')} validation images\n")
     print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")
     for name, m in runs.items():
         print(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['best_top1']:.2f} ({m['best_epoch']}) |")

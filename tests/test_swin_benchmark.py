@@ -96,3 +96,30 @@ def test_smoke_run_finishes_then_a_second_run_skips_every_step(tmp_path):
     assert json.loads((tmp_path / "swin.json").read_text())["seconds"] == seconds
     table = first.stdout[first.stdout.index("| initialisation"):]
     assert second.stdout.endswith(table)
+
+    # one method's runs alone: the others' figures are kept from the JSON file
+    third = subprocess.run([*command, "--part", "SimMIM"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert third.stdout.count("done earlier") == 2 and "SimMIM" in third.stdout.split("done earlier")[0]
+    assert json.loads((tmp_path / "swin.json").read_text())["rows"] == result["rows"]
+    assert third.stdout.endswith(table)
+
+
+def test_a_pretraining_run_of_another_recipe_starts_over(tmp_path, capsys):
+    """The folder of a finished SimMIM pretraining is not taken as done for a SimMIM of another recipe."""
+    swin = load("swin_fmnist")
+    work = tmp_path / "work"
+    shards = work / "shards"
+    swin.prepare_shards(None, shards, True, swin.StepSeconds(work / "seconds.json"))
+    common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *swin.SMOKE, *swin.SMOKE_PRETRAIN,
+              "data.samples_per_epoch=128", "eval.every_epochs=0"]
+    seconds = swin.StepSeconds(work / "seconds.json")
+    out = work / "simmim_swin"
+    first = swin.pretrain("SimMIM", out, common, 1, seconds)
+    assert swin.pretrain("SimMIM", out, common, 1, seconds) == first
+    assert "done earlier" in capsys.readouterr().out
+
+    swin.pretrain("SimMIM", out, [*common, "model.norm_pix_loss=true"], 1, seconds)
+    assert "holds a run of another recipe (model.norm_pix_loss): starting over" in capsys.readouterr().out
+    assert load_config(MAEPretrainConfig, out / "config.yaml").model.norm_pix_loss
