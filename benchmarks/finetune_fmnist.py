@@ -111,7 +111,7 @@ def main() -> None:
         "finetune": part_a,
         "distillation": part_b,
         "summary": summary_rows(part_a["runs"], part_b["teacher"], part_b["runs"]),
-        "seconds": seconds,
+        "seconds": {**earlier.get("seconds", {}), **seconds},  # a --part run keeps the other steps' times
     }
     runs_a, teacher, runs_b = part_a["runs"], part_b["teacher"], part_b["runs"]
     finetuned = runs_a["MAE pretrained"]

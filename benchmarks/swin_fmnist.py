@@ -136,7 +136,7 @@ def main() -> None:
         "finetune": {"config": str(FINETUNE_CONFIG.relative_to(REPO)), "epochs": finetune_epochs},
         "rows": [{"initialisation": name, **summary(m)} for name, m in runs.items()],
         "summary": summary_rows(runs),
-        "seconds": seconds,
+        "seconds": {**earlier.get("seconds", {}), **seconds},  # a --part run keeps the other steps' times
     }
     scratch = runs[SCRATCH]
     print(f"\nSwin finetuning, {finetune_epochs} epoch(s), {scratch.get('num_train', '?')} training images, "

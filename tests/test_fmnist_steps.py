@@ -69,7 +69,8 @@ def test_finetune_benchmark_runs_one_part_and_keeps_the_others_figures(tmp_path,
 
     finetune_part = {"config": "configs/finetune_mae_tiny_fmnist.yaml", "epochs": 6,
                      "runs": {"MAE pretrained": student(88.7), "from scratch": student(79.3)}}
-    figures.write_text(json.dumps({"finetune": finetune_part, "distillation": {}, "summary": []}))
+    figures.write_text(json.dumps({"finetune": finetune_part, "distillation": {}, "summary": [],
+                                   "seconds": {"finetune from MAE": 8000.0}}))
     new_distillation = {"config": "configs/distill_vit_tiny_fmnist.yaml", "epochs": 3,
                         "training_images_per_epoch": 54000, "teacher": {**student(93.5), "epochs": 10},
                         "runs": {"none": student(72.7), "soft": student(75.6), "hard": student(76.0)}}
@@ -81,6 +82,7 @@ def test_finetune_benchmark_runs_one_part_and_keeps_the_others_figures(tmp_path,
     assert called == ["distillation"]
     written = json.loads(figures.read_text())
     assert written["finetune"] == finetune_part and written["distillation"] == new_distillation
+    assert written["seconds"] == {"finetune from MAE": 8000.0}  # the kept part's wall time
     rows = {row["row"]: row for row in written["summary"]}
     assert rows["MAE tiny ViT -> finetune"]["value"] == 88.7
     assert rows["DeiT teacher (ResNet-18 from scratch)"]["value"] == 93.5
