@@ -40,7 +40,7 @@ from finetune.config import FinetuneConfig  # noqa: E402
 from pretrain.checkpoint import find_latest  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 
-from fmnist_steps import StepSeconds, prepare_shards, recipe_changes, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from fmnist_steps import StepSeconds, image_counts, prepare_shards, recipe_changes, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
 DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
@@ -114,9 +114,7 @@ def main() -> None:
         "seconds": {**earlier.get("seconds", {}), **seconds},  # a --part run keeps the other steps' times
     }
     runs_a, teacher, runs_b = part_a["runs"], part_b["teacher"], part_b["runs"]
-    finetuned = runs_a["MAE pretrained"]
-    print(f"\n(a) finetuning, {part_a['epochs']} epoch(s), {finetuned.get('num_train', '?')} training images, "
-          f"{finetuned.get('num_samples', '?')} validation images\n")
+    print(f"\n(a) finetuning, {part_a['epochs']} epoch(s), {image_counts(runs_a)}\n")
     print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")
     for name, m in runs_a.items():
         print(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['best_top1']:.2f} ({m['best_epoch']}) |")

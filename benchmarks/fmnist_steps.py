@@ -53,6 +53,14 @@ def _differing(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def image_counts(runs: dict[str, dict]) -> str:
+    """'N training images, M validation images', from whichever run recorded them (rows kept from an older --json
+    may not have)."""
+    def count(key: str):
+        return next((m[key] for m in runs.values() if key in m), "?")
+    return f"{count('num_train')} training images, {count('num_samples')} validation images"
+
+
 class StepSeconds(dict):
     """Each step's wall seconds, kept in a JSON file so that a benchmark run again after a stop still reports the
     steps it skips as done. A run resumed after an interruption adds its time to what the step had (the part before

@@ -38,7 +38,7 @@ from pretrain.config import MAEPretrainConfig  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
 from finetune_fmnist import SMOKE, finetune, summary  # noqa: E402
-from fmnist_steps import StepSeconds, prepare_shards, recipe_changes, run  # noqa: E402
+from fmnist_steps import StepSeconds, image_counts, prepare_shards, recipe_changes, run  # noqa: E402
 
 PRETRAIN_CONFIGS = {"UM-MAE": REPO / "configs/ummae_swin_tiny_fmnist.yaml",
                     "SimMIM": REPO / "configs/simmim_swin_tiny_fmnist.yaml"}
@@ -138,9 +138,7 @@ def main() -> None:
         "summary": summary_rows(runs),
         "seconds": {**earlier.get("seconds", {}), **seconds},  # a --part run keeps the other steps' times
     }
-    scratch = runs[SCRATCH]
-    print(f"\nSwin finetuning, {finetune_epochs} epoch(s), {scratch.get('num_train', '?')} training images, "
-          f"{scratch.get('num_samples', '?')} validation images\n")
+    print(f"\nSwin finetuning, {finetune_epochs} epoch(s), {image_counts(runs)}\n")
     print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")
     for name, m in runs.items():
         print(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['best_top1']:.2f} ({m['best_epoch']}) |")

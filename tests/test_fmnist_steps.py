@@ -87,3 +87,12 @@ def test_finetune_benchmark_runs_one_part_and_keeps_the_others_figures(tmp_path,
     assert rows["MAE tiny ViT -> finetune"]["value"] == 88.7
     assert rows["DeiT teacher (ResNet-18 from scratch)"]["value"] == 93.5
     assert rows["DeiT student, hard distillation"]["target"] == 72.7 + 1
+    assert "(a) finetuning, 6 epoch(s), 54000 training images, 6000 validation images" in capsys.readouterr().out
+
+
+def test_image_counts_come_from_whichever_run_recorded_them():
+    """Rows kept from an older --json file lack the counts; the table's header takes them from a run that has them."""
+    runs = {"kept from an older file": {"top1": 78.8}, "run now": {"top1": 80.0, "num_train": 54000,
+                                                                   "num_samples": 6000}}
+    assert fmnist_steps.image_counts(runs) == "54000 training images, 6000 validation images"
+    assert fmnist_steps.image_counts({"old": {"top1": 78.8}}) == "? training images, ? validation images"
