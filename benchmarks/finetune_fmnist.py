@@ -50,12 +50,17 @@ SMOKE = ["data.samples_per_epoch=256", "train.batch_size=32", "data.num_workers=
          "train.log_every=4", "logging.progress_bar=false", "logging.wandb=disabled"]
 
 
-def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: int, seconds: StepSeconds) -> dict:
+def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: int, seconds: StepSeconds,
+             teacher: Path | None = None) -> dict:
     """Run (or resume, or skip) one `python -m finetune` run into `out`; its metrics.json. A run that `out` holds
-    from another recipe (its config.yaml differs) starts over."""
+    from another recipe (its config.yaml differs), or that began before its `teacher` weights were written (a
+    retrained teacher saves to the same step folder when its epochs are unchanged), starts over."""
     metrics_file = out / "metrics.json"
     overrides = [f"output_dir={out}", f"train.epochs={epochs}", *overrides]
     changed = recipe_changes(out, FinetuneConfig, config, overrides)
+    if teacher is not None and (out / "config.yaml").is_file() \
+            and (out / "config.yaml").stat().st_mtime < teacher.stat().st_mtime:
+        changed.append("a retrained teacher")
     if changed:
         print(f"\n== {step}: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
     elif metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs:
@@ -162,7 +167,7 @@ def distillation_part(work: Path, common: list[str], teacher_epochs: int, epochs
         kind: finetune(f"student, distillation {kind}", DISTILL_CONFIG, work / f"distill_{kind}",
                        [*common, f"distillation.kind={kind}",
                         f"distillation.teacher={teacher_weights if kind != 'none' else 'null'}"],
-                       epochs, seconds)
+                       epochs, seconds, teacher=teacher_weights if kind != "none" else None)
         for kind in ("none", "soft", "hard")
     }
     return {"config": str(DISTILL_CONFIG.relative_to(REPO)), "epochs": epochs,

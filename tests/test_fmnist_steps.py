@@ -96,3 +96,39 @@ def test_image_counts_come_from_whichever_run_recorded_them():
                                                                    "num_samples": 6000}}
     assert fmnist_steps.image_counts(runs) == "54000 training images, 6000 validation images"
     assert fmnist_steps.image_counts({"old": {"top1": 78.8}}) == "? training images, ? validation images"
+
+
+def test_a_student_taught_by_a_teacher_retrained_since_starts_over(tmp_path, monkeypatch):
+    """A teacher retrained with the same number of epochs saves to the same step folder, so the students' recipe
+    (the teacher's path) is unchanged: a student run older than its teacher's weights is run again, not skipped."""
+    import os
+
+    from finetune.config import FinetuneConfig
+    from pretrain.config import load_config, save_config
+
+    bench = load_benchmark("finetune_fmnist")
+    teacher = tmp_path / "teacher_cnn" / "checkpoints" / "step_00004210"
+    teacher.mkdir(parents=True)
+    out = tmp_path / "distill_hard"
+    overrides = [f"distillation.teacher={teacher}", "distillation.kind=hard"]
+    save_config(load_config(FinetuneConfig, bench.DISTILL_CONFIG, [f"output_dir={out}", "train.epochs=3", *overrides]),
+                out / "config.yaml")
+    (out / "metrics.json").write_text(json.dumps({"top1": 75.0, "epochs": 3}))
+    calls = []
+
+    def fake_run(step, main, argv):
+        calls.append(argv)
+        (out / "metrics.json").write_text(json.dumps({"top1": 76.0, "epochs": 3}))
+        return 1.0
+    monkeypatch.setattr(bench, "run", fake_run)
+    seconds = fmnist_steps.StepSeconds(tmp_path / "seconds.json")
+
+    def student():
+        return bench.finetune("student", bench.DISTILL_CONFIG, out, overrides, 3, seconds, teacher=teacher)
+
+    start = (out / "config.yaml").stat().st_mtime
+    os.utime(teacher, (start - 60, start - 60))  # the teacher the student learnt from: the run is done
+    assert student()["top1"] == 75.0 and calls == []
+    os.utime(teacher, (start + 60, start + 60))  # the teacher trained again since
+    assert student()["top1"] == 76.0
+    assert len(calls) == 1 and "train.overwrite=true" in calls[0] and "train.resume=latest" not in calls[0]
