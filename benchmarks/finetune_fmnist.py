@@ -58,10 +58,7 @@ def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: i
     retrained teacher saves to the same step folder when its epochs are unchanged), starts over."""
     metrics_file = out / "metrics.json"
     overrides = [f"output_dir={out}", f"train.epochs={epochs}", *overrides]
-    changed = recipe_changes(out, FinetuneConfig, config, overrides)
-    if teacher is not None and (out / "config.yaml").is_file() \
-            and (out / "config.yaml").stat().st_mtime < teacher.stat().st_mtime:
-        changed.append("a retrained teacher")
+    changed = recipe_changes(out, FinetuneConfig, config, overrides, inputs=(teacher,) if teacher else ())
     if changed:
         print(f"\n== {step}: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
     elif metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs:

@@ -29,15 +29,19 @@ def run(step: str, main, argv: list[str]) -> float:
 BOOKKEEPING_KEYS = {"train.resume", "train.overwrite", "train.save_every", "train.log_every", "logging"}
 
 
-def recipe_changes(out: Path, schema: type, config: Path, overrides: list[str]) -> list[str]:
+def recipe_changes(out: Path, schema: type, config: Path, overrides: list[str],
+                   inputs: tuple[Path, ...] = ()) -> list[str]:
     """The config keys whose values in the run already in `out` (its config.yaml) differ from what `config` with
-    the `key=value` `overrides` resolves to now (bookkeeping keys aside); [] when none differ or `out` holds no
-    run. A run made by an older recipe (another teacher, another lr) is no result of this one."""
+    the `key=value` `overrides` resolves to now (bookkeeping keys aside), then each of `inputs` (weights the run
+    reads) written after the run began; [] when none differ or `out` holds no run. A run made by an older recipe
+    (another teacher, another lr) or from weights retrained since under the same path is no result of this one."""
     saved = out / "config.yaml"
     if not saved.is_file():
         return []
     now = to_dict(load_config(schema, config, overrides))
-    return sorted(_differing(yaml.safe_load(saved.read_text()) or {}, now))
+    began = saved.stat().st_mtime
+    return [*sorted(_differing(yaml.safe_load(saved.read_text()) or {}, now)),
+            *(f"{path} written since" for path in inputs if path.stat().st_mtime > began)]
 
 
 def _differing(old: dict, new: dict, prefix: str = "") -> list[str]:
