@@ -39,10 +39,12 @@ sys.path.insert(0, str(REPO))
 from finetune.cli import main as finetune_main  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from pretrain.checkpoint import find_latest  # noqa: E402
-from pretrain.cli import main as pretrain_main  # noqa: E402
 
-from fmnist_steps import StepSeconds, image_counts, prepare_shards, recipe_changes, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+# benchmarks/, first on sys.path when run as a script
+from fmnist_steps import (StepSeconds, image_counts, prepare_shards, pretrain, pretrained_weights,  # noqa: E402
+                          recipe_changes, run)
 
+MAE_CONFIG = REPO / "configs/mae_vit_tiny_fmnist.yaml"
 FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
 DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
 TEACHER_CONFIG = REPO / "configs/teacher_cnn_fmnist.yaml"
@@ -52,13 +54,14 @@ SMOKE = ["data.samples_per_epoch=256", "train.batch_size=32", "data.num_workers=
 
 
 def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: int, seconds: StepSeconds,
-             teacher: Path | None = None) -> dict:
+             inputs: tuple[Path, ...] = ()) -> dict:
     """Run (or resume, or skip) one `python -m finetune` run into `out`; its metrics.json. A run that `out` holds
-    from another recipe (its config.yaml differs), or that began before its `teacher` weights were written (a
-    retrained teacher saves to the same step folder when its epochs are unchanged), starts over."""
+    from another recipe (its config.yaml differs), or that began before the weights it reads (`inputs`: a teacher,
+    a pretrained encoder) were written, starts over: a rerun saves to the same step folder when its epochs are
+    unchanged, so the path alone cannot tell."""
     metrics_file = out / "metrics.json"
     overrides = [f"output_dir={out}", f"train.epochs={epochs}", *overrides]
-    changed = recipe_changes(out, FinetuneConfig, config, overrides, inputs=(teacher,) if teacher else ())
+    changed = recipe_changes(out, FinetuneConfig, config, overrides, inputs=inputs)
     if changed:
         print(f"\n== {step}: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
     elif metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs:
@@ -137,15 +140,12 @@ def main() -> None:
 def finetune_part(work: Path, common: list[str], epochs: int, smoke: bool, seconds: StepSeconds) -> dict:
     """(a) MAE -> finetune against the same ViT from scratch, same budget (the MAE pretrained first if needed)."""
     mae_dir = work / "mae"
-    if not (mae_dir / "reconstructions.png").is_file():
-        argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *common,
-                "train.overwrite=true",
-                *(["train.epochs=1", "num_pictures=2", "eval.every_epochs=0"] if smoke else [])]
-        seconds.record("MAE pretraining", run("pretrain", pretrain_main, argv))
-
+    pretrain("MAE pretraining", MAE_CONFIG, mae_dir,
+             [*common, *(["train.epochs=1", "num_pictures=2", "eval.every_epochs=0"] if smoke else [])], seconds)
     runs = {
         "MAE pretrained": finetune("finetune from MAE", FINETUNE_CONFIG, work / "finetune_mae",
-                                   [*common, f"encoder.checkpoint={mae_dir}"], epochs, seconds),
+                                   [*common, f"encoder.checkpoint={mae_dir}"], epochs, seconds,
+                                   inputs=(pretrained_weights(mae_dir),)),
         "from scratch": finetune("train from scratch", FINETUNE_CONFIG, work / "finetune_scratch",
                                  [*common, "encoder.checkpoint=null", "layer_decay=null"], epochs, seconds),
     }
@@ -165,7 +165,7 @@ def distillation_part(work: Path, common: list[str], teacher_epochs: int, epochs
         kind: finetune(f"student, distillation {kind}", DISTILL_CONFIG, work / f"distill_{kind}",
                        [*common, f"distillation.kind={kind}",
                         f"distillation.teacher={teacher_weights if kind != 'none' else 'null'}"],
-                       epochs, seconds, teacher=teacher_weights if kind != "none" else None)
+                       epochs, seconds, inputs=(teacher_weights,) if kind != "none" else ())
         for kind in ("none", "soft", "hard")
     }
     return {"config": str(DISTILL_CONFIG.relative_to(REPO)), "epochs": epochs,

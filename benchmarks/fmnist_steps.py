@@ -1,6 +1,6 @@
 """Steps the Fashion-MNIST benchmarks share (linear_probe.py, clip_zeroshot.py, finetune_fmnist.py, swin_fmnist.py,
 detr_fmnist.py): run one entry point with its argv, timed; keep the steps' wall times across invocations; write the
-common 54,000 / 6,000 split once."""
+common 54,000 / 6,000 split once; run (resume, skip) a masked-image pretraining run."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,9 @@ import yaml
 
 from data import FASHION_MNIST_CLASSES
 from data.__main__ import main as data_main
-from pretrain.config import load_config, to_dict
+from pretrain.checkpoint import find_latest
+from pretrain.cli import main as pretrain_main
+from pretrain.config import MAEPretrainConfig, load_config, to_dict
 
 
 def run(step: str, main, argv: list[str]) -> float:
@@ -55,6 +57,40 @@ def _differing(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif old.get(key) != new.get(key):
             keys.append(dotted)
     return keys
+
+
+def pretrain(step: str, config: Path, out: Path, overrides: list[str], seconds: StepSeconds) -> dict:
+    """Run (or resume, or skip once its reconstructions.png exists) one masked-image `python -m pretrain` run of
+    `config` (MAE, UM-MAE, SimMIM) into `out`; its steps, final loss and k-NN monitor from log.jsonl. A run that
+    `out` holds from another recipe (its config.yaml differs) starts over; an interrupted one resumes from its latest
+    checkpoint."""
+    overrides = [f"output_dir={out}", *overrides]
+    changed = recipe_changes(out, MAEPretrainConfig, config, overrides)
+    if changed:
+        print(f"\n== {step}: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
+    if not changed and (out / "reconstructions.png").is_file():  # written when the run ends
+        print(f"\n== {step}: done earlier ({out})")
+    else:
+        resume = not changed and find_latest(out / "checkpoints") is not None
+        argv = ["--config", str(config), *overrides, "train.resume=latest" if resume else "train.overwrite=true"]
+        seconds.record(step, run(step, pretrain_main, argv), resumed=resume)
+    return pretraining_summary(out)
+
+
+def pretraining_summary(out: Path) -> dict:
+    """A pretraining run's steps, final loss and k-NN monitor (top-1 by step), from its log.jsonl."""
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = next(line for line in reversed(log) if "loss" in line)
+    knn = {line["step"]: line["eval/knn_top1"] for line in log if "eval/knn_top1" in line}  # a resume repeats steps
+    return {"steps": last["step"], "final_loss": last["loss"], "knn_top1": sorted(knn.items())}
+
+
+def pretrained_weights(out: Path) -> Path:
+    """The checkpoint a finetune from the pretraining folder `out` reads (its latest), for recipe_changes' inputs."""
+    latest = find_latest(out / "checkpoints")
+    if latest is None:
+        raise SystemExit(f"{out} holds no finished checkpoint to finetune from")
+    return latest
 
 
 def image_counts(runs: dict[str, dict]) -> str:

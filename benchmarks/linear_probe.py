@@ -7,11 +7,11 @@ scikit-learn's LogisticRegression with the same C and the same standardisation, 
     python benchmarks/linear_probe.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench/probe.json
     python benchmarks/linear_probe.py --encoders pixels --skip-pretrain     # the raw-pixel rows only
 
-Steps (each skipped when its output already exists, so an interrupted benchmark continues; delete a folder to
-redo its step):
+Steps (each skipped when its output already exists and is newer than what it reads, so an interrupted benchmark
+continues and a retrained MAE is exported and probed again; delete a folder to redo its step):
 1. `python -m data idx` writes 54,000 training / 6,000 held-out validation images as shards.
-2. `python -m pretrain` trains MAE (configs/mae_vit_tiny_fmnist.yaml) on the training split; with --skip-pretrain
-   an unfinished WORK_DIR/mae is left alone and the MAE rows are skipped.
+2. `python -m pretrain` trains MAE (configs/mae_vit_tiny_fmnist.yaml) on the training split (an interrupted run
+   resumes); with --skip-pretrain an unfinished WORK_DIR/mae is left alone and the MAE rows are skipped.
 3. `python -m finetune task=features` writes each encoder's features once (WORK_DIR/features/NAME/{train,val}).
 4. `python -m finetune` probes them from those folders: configs/linprobe_fmnist.yaml (protocol mae; its base lr
    the best of a sweep on a 10% split of the training features, benchmarks/probe_lr.py),
@@ -31,9 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from data import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
-from pretrain.cli import main as pretrain_main  # noqa: E402
-
-from fmnist_steps import StepSeconds, run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+# benchmarks/, first on sys.path when run as a script
+from fmnist_steps import StepSeconds, pretrain, pretrained_weights, pretraining_summary, run, write_split  # noqa: E402
 from probe_lr import LRS, sweep_base_lr  # noqa: E402
 
 # the probes: (name, config, overrides) -- each reads the features of one export below
@@ -44,10 +43,17 @@ PROBES = [
 ]
 
 
-def export(name: str, features_dir: Path, data: list[str], encoder: list[str], seconds: StepSeconds) -> Path:
-    """`python -m finetune task=features` for both splits into features_dir/name, unless done earlier."""
+def written_after(path: Path, inputs: tuple[Path, ...]) -> bool:
+    """`path` exists and is newer than each of `inputs` (what it was computed from)."""
+    return path.is_file() and all(path.stat().st_mtime > source.stat().st_mtime for source in inputs)
+
+
+def export(name: str, features_dir: Path, data: list[str], encoder: list[str], seconds: StepSeconds,
+           inputs: tuple[Path, ...] = ()) -> Path:
+    """`python -m finetune task=features` for both splits into features_dir/name, unless done after the weights it
+    reads (`inputs`) were written."""
     out = features_dir / name
-    if (out / "train" / "index.json").is_file() and (out / "val" / "index.json").is_file():
+    if written_after(out / "train" / "index.json", inputs) and written_after(out / "val" / "index.json", inputs):
         print(f"\n== features {name}: done earlier ({out})")
     else:
         argv = ["task=features", f"output_dir={out}", "train.overwrite=true", "logging.wandb=disabled",
@@ -61,8 +67,9 @@ def probe(step: str, config: Path, out: Path, features: Path, overrides: list[st
     """One `python -m finetune` probe of the feature folders `features`/{train,val} into `out`, or its earlier
     metrics.json when that has the `expect`ed values."""
     metrics_file = out / "metrics.json"
-    if metrics_file.is_file() and all(json.loads(metrics_file.read_text()).get(key) == value
-                                      for key, value in expect.items()):
+    exported = (features / "train" / "index.json", features / "val" / "index.json")
+    if written_after(metrics_file, exported) and all(json.loads(metrics_file.read_text()).get(key) == value
+                                                    for key, value in expect.items()):
         print(f"\n== {step}: done earlier ({metrics_file})")
     else:
         argv = ["--config", str(config), f"output_dir={out}", "train.overwrite=true", "logging.progress_bar=false",
@@ -133,17 +140,20 @@ def main() -> None:
     # the exports see the images as the probe configs' data sections do (32 px, no crop, Fashion-MNIST's statistics)
     export_data = [*data, "data.image_size=32", "data.eval_crop_fraction=1.0",
                    f"data.mean={list(FASHION_MNIST_MEAN)}", f"data.std={list(FASHION_MNIST_STD)}"]
-    mae_dir = work / "mae"
-    mae_done = (mae_dir / "reconstructions.png").is_file()  # written when pretraining ends
-    if "mae" in encoders and not mae_done:
-        if args.skip_pretrain:
+    mae_dir, mae_config = work / "mae", REPO / "configs/mae_vit_tiny_fmnist.yaml"
+    mae = None
+    if "mae" in encoders:
+        if args.skip_pretrain and not (mae_dir / "reconstructions.png").is_file():  # written when pretraining ends
             print(f"\n== MAE rows skipped: {mae_dir} holds no finished pretraining run (--skip-pretrain)")
             encoders.remove("mae")
+        elif args.skip_pretrain:
+            print(f"\n== MAE pretraining: kept as it is ({mae_dir}, --skip-pretrain)")
+            mae = {"config": str(mae_config.relative_to(REPO)), **pretraining_summary(mae_dir)}
         else:
-            argv = ["--config", str(REPO / "configs/mae_vit_tiny_fmnist.yaml"), f"output_dir={mae_dir}", *data]
-            if args.pretrain_epochs:
-                argv.append(f"train.epochs={args.pretrain_epochs}")
-            seconds.record("MAE pretraining", run("pretrain", pretrain_main, argv))
+            mae = {"config": str(mae_config.relative_to(REPO)),
+                   **pretrain("MAE pretraining", mae_config, mae_dir,
+                              [*data, *([f"train.epochs={args.pretrain_epochs}"] if args.pretrain_epochs else [])],
+                              seconds)}
 
     # (row label, export name, encoder overrides, probes): the MAE encoder's class token is the pooled feature
     # the MAE paper probes; its average patch token and both together under the L-BFGS probe and k-NN
@@ -160,7 +170,8 @@ def main() -> None:
     rows = []
     for encoder in encoders:
         for label, name, encoder_args, probes in feature_sets[encoder]:
-            features = export(name, work / "features", export_data, encoder_args, seconds)
+            features = export(name, work / "features", export_data, encoder_args, seconds,
+                              inputs=(pretrained_weights(mae_dir),) if encoder == "mae" else ())
             for probe_label, kind, config, overrides in probes:
                 expect, lr_sweep = {}, None
                 if kind == "mae":  # its base lr: the best of a sweep on a split of the training features
@@ -189,18 +200,11 @@ def main() -> None:
 
     result = {
         "benchmark": "frozen features on Fashion-MNIST (54k train / 6k held-out val from the 60k training set)",
-        "mae": None,
+        "mae": mae,
         "rows": rows,
         "summary": summary_rows(rows),
         "seconds": seconds,
     }
-    if mae_done or (mae_dir / "reconstructions.png").is_file():
-        mae_log = [json.loads(line) for line in (mae_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-        last_loss = next(line for line in reversed(mae_log) if "loss" in line)
-        result["mae"] = {"config": "configs/mae_vit_tiny_fmnist.yaml", "steps": last_loss["step"],
-                         "final_loss": last_loss["loss"],
-                         "knn_top1": [(line["step"], line["eval/knn_top1"]) for line in mae_log
-                                      if "eval/knn_top1" in line]}
     print("\n| features | probe | dim | top-1 (%) | top-5 (%) |\n|---|---|---|---|---|")
     for row in rows:
         probe_label = row["probe"] + (f", C={row['C']:.3g}" if row["C"] is not None else "") + \

@@ -54,15 +54,18 @@ def write_split(features: Path, out: Path, val_fraction: float, seed: int) -> tu
 def sweep_base_lr(features: Path, lrs: list[float], config: str | Path = DEFAULT_CONFIG, work: Path | None = None,
                   epochs: int | None = None) -> tuple[float, list[dict]]:
     """The MAE-protocol probe of `config` at each base lr, fit on the training features' fit part, measured on
-    their held-out part -> (the best base lr, one row per lr in increasing order). Runs done earlier are reused."""
+    their held-out part -> (the best base lr, one row per lr in increasing order). Runs done earlier, after the
+    features were last exported, are reused."""
     work = work or features / "lr_sweep"
     fit_dir, holdout_dir = write_split(features, work, val_fraction=0.1, seed=0)
+    exported = (features / "train" / INDEX_FILE).stat().st_mtime
     rows = []
     for lr in sorted(lrs):
         out = work / f"lr_{lr:g}"
         metrics_file = out / "metrics.json"
         overrides = [f"optim.base_lr={lr}"] + ([f"train.epochs={epochs}"] if epochs else [])
-        done = metrics_file.is_file() and (not epochs or json.loads(metrics_file.read_text())["epochs"] == epochs)
+        done = (metrics_file.is_file() and metrics_file.stat().st_mtime > exported
+                and (not epochs or json.loads(metrics_file.read_text())["epochs"] == epochs))
         if not done:
             run(f"probe {features.name}, base_lr={lr:g}", finetune_main, [
                 "--config", str(config), f"output_dir={out}", "train.overwrite=true", "logging.progress_bar=false",

@@ -32,13 +32,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pretrain.checkpoint import find_latest  # noqa: E402
-from pretrain.cli import main as pretrain_main  # noqa: E402
-from pretrain.config import MAEPretrainConfig  # noqa: E402
-
 # benchmarks/, first on sys.path when run as a script
 from finetune_fmnist import SMOKE, finetune, summary  # noqa: E402
-from fmnist_steps import StepSeconds, image_counts, prepare_shards, recipe_changes, run  # noqa: E402
+from fmnist_steps import StepSeconds, image_counts, prepare_shards, pretrain, pretrained_weights  # noqa: E402
 
 PRETRAIN_CONFIGS = {"UM-MAE": REPO / "configs/ummae_swin_tiny_fmnist.yaml",
                     "SimMIM": REPO / "configs/simmim_swin_tiny_fmnist.yaml"}
@@ -47,29 +43,6 @@ FINETUNE_CONFIG = REPO / "configs/finetune_swin_tiny_fmnist.yaml"
 SCRATCH = "from scratch"
 # --smoke pretraining: a small picture, and the k-NN monitor on a few of the bundled images
 SMOKE_PRETRAIN = ["num_pictures=2", "eval.max_images=100", "eval.max_bank_images=256"]
-
-
-def pretrain(method: str, out: Path, overrides: list[str], epochs: int, seconds: StepSeconds) -> dict:
-    """Run (or resume, or skip once its reconstructions.png exists) one `python -m pretrain` run into `out`; its
-    steps, final loss and k-NN monitor from log.jsonl. A run that `out` holds from another recipe (its config.yaml
-    differs) starts over."""
-    overrides = [f"output_dir={out}", f"train.epochs={epochs}", *overrides]
-    changed = recipe_changes(out, MAEPretrainConfig, PRETRAIN_CONFIGS[method], overrides)
-    if changed:
-        print(f"\n== {method} pretraining: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
-    if not changed and (out / "reconstructions.png").is_file():
-        print(f"\n== {method} pretraining: done earlier ({out})")
-    else:
-        # an interrupted run continues from its latest checkpoint; one that wrote none starts over
-        resume = not changed and find_latest(out / "checkpoints") is not None
-        argv = ["--config", str(PRETRAIN_CONFIGS[method]), *overrides,
-                "train.resume=latest" if resume else "train.overwrite=true"]
-        seconds.record(f"{method} pretraining", run(f"{method} pretraining", pretrain_main, argv), resumed=resume)
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-    last = next(line for line in reversed(log) if "loss" in line)
-    knn = {line["step"]: line["eval/knn_top1"] for line in log if "eval/knn_top1" in line}  # a resume repeats steps
-    return {"config": str(PRETRAIN_CONFIGS[method].relative_to(REPO)), "epochs": epochs, "steps": last["step"],
-            "final_loss": last["loss"], "knn_top1": sorted(knn.items())}
 
 
 def positive(text: str) -> int:
@@ -112,8 +85,10 @@ def main() -> None:
         return 1 if args.smoke else override or yaml.safe_load(config.read_text())["train"]["epochs"]
 
     pretrained = {
-        method: pretrain(method, work / PRETRAIN_DIRS[method], [*common, *(SMOKE_PRETRAIN if args.smoke else [])],
-                         epochs_of(config, args.pretrain_epochs), seconds)
+        method: {"config": str(config.relative_to(REPO)), "epochs": epochs_of(config, args.pretrain_epochs),
+                 **pretrain(f"{method} pretraining", config, work / PRETRAIN_DIRS[method],
+                            [f"train.epochs={epochs_of(config, args.pretrain_epochs)}", *common,
+                             *(SMOKE_PRETRAIN if args.smoke else [])], seconds)}
         if method in rerun else earlier["pretraining"][method]
         for method, config in PRETRAIN_CONFIGS.items()
     }
@@ -121,7 +96,8 @@ def main() -> None:
     finetune_epochs = epochs_of(FINETUNE_CONFIG, args.finetune_epochs)
     runs = {
         f"{method} pretrained": finetune(f"finetune from {method}", FINETUNE_CONFIG, work / f"finetune_{folder}",
-                                         [*common, f"encoder.checkpoint={work / folder}"], finetune_epochs, seconds)
+                                         [*common, f"encoder.checkpoint={work / folder}"], finetune_epochs, seconds,
+                                         inputs=(pretrained_weights(work / folder),))
         if method in rerun else earlier_runs[f"{method} pretrained"]
         for method, folder in PRETRAIN_DIRS.items()
     }

@@ -124,7 +124,7 @@ def test_a_student_taught_by_a_teacher_retrained_since_starts_over(tmp_path, mon
     seconds = fmnist_steps.StepSeconds(tmp_path / "seconds.json")
 
     def student():
-        return bench.finetune("student", bench.DISTILL_CONFIG, out, overrides, 3, seconds, teacher=teacher)
+        return bench.finetune("student", bench.DISTILL_CONFIG, out, overrides, 3, seconds, inputs=(teacher,))
 
     start = (out / "config.yaml").stat().st_mtime
     os.utime(teacher, (start - 60, start - 60))  # the teacher the student learnt from: the run is done

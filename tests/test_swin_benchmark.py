@@ -108,20 +108,27 @@ def test_smoke_run_finishes_then_a_second_run_skips_every_step(tmp_path):
     assert third.stdout.endswith(table)
 
 
-def test_a_pretraining_run_of_another_recipe_starts_over(tmp_path, capsys):
-    """The folder of a finished SimMIM pretraining is not taken as done for a SimMIM of another recipe."""
+def test_a_pretraining_run_is_skipped_when_done_resumed_when_interrupted_and_redone_for_another_recipe(tmp_path,
+                                                                                                     capsys):
+    """fmnist_steps.pretrain (every benchmark's masked-image pretraining step): a finished run is kept, one stopped
+    before its end continues from its latest checkpoint, and a folder holding another recipe's run starts over."""
     swin = load("swin_fmnist")
     work = tmp_path / "work"
     shards = work / "shards"
     swin.prepare_shards(None, shards, True, swin.StepSeconds(work / "seconds.json"))
-    common = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *swin.SMOKE, *swin.SMOKE_PRETRAIN,
-              "data.samples_per_epoch=128", "eval.every_epochs=0"]
+    common = ["train.epochs=1", f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *swin.SMOKE,
+              *swin.SMOKE_PRETRAIN, "data.samples_per_epoch=128", "eval.every_epochs=0"]
     seconds = swin.StepSeconds(work / "seconds.json")
-    out = work / "simmim_swin"
-    first = swin.pretrain("SimMIM", out, common, 1, seconds)
-    assert swin.pretrain("SimMIM", out, common, 1, seconds) == first
+    out, config = work / "simmim_swin", swin.PRETRAIN_CONFIGS["SimMIM"]
+    first = swin.pretrain("SimMIM pretraining", config, out, common, seconds)
+    assert first["steps"] == 4 and "train.overwrite=true" in capsys.readouterr().out
+    assert swin.pretrain("SimMIM pretraining", config, out, common, seconds) == first
     assert "done earlier" in capsys.readouterr().out
 
-    swin.pretrain("SimMIM", out, [*common, "model.mask_ratio=0.5"], 1, seconds)
+    (out / "reconstructions.png").unlink()  # as if stopped after its last checkpoint, before the picture
+    assert swin.pretrain("SimMIM pretraining", config, out, common, seconds)["steps"] == 4
+    assert "train.resume=latest" in capsys.readouterr().out and (out / "reconstructions.png").is_file()
+
+    swin.pretrain("SimMIM pretraining", config, out, [*common, "model.mask_ratio=0.5"], seconds)
     assert "holds a run of another recipe (model.mask_ratio): starting over" in capsys.readouterr().out
     assert load_config(MAEPretrainConfig, out / "config.yaml").model.mask_ratio == 0.5
