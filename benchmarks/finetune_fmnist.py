@@ -21,8 +21,8 @@ Steps (each skipped when its output exists; an interrupted run resumes from its 
 3. `python -m finetune` finetunes (configs/finetune_mae_tiny_fmnist.yaml) from MAE and from scratch.
 4. `python -m finetune` trains the teacher (configs/teacher_cnn_fmnist.yaml), then the students
    (configs/distill_vit_tiny_fmnist.yaml, distillation.kind=none/soft/hard).
-A run whose folder holds a run of another recipe (its saved config differs), or a student begun before its
-teacher was last trained, starts over.
+A run whose folder holds a run of another recipe (its saved config differs), or one begun before the weights it
+reads were last written (a student's teacher, a finetune's MAE), starts over.
 """
 from __future__ import annotations
 
