@@ -58,10 +58,12 @@ def test_pretraining_configs_train_the_demo_swins_on_the_full_split(config, mode
 def test_finetuning_config_builds_the_pretrained_swin_from_scratch_too():
     cfg = load_config(FinetuneConfig, REPO / "configs/finetune_swin_tiny_fmnist.yaml")
     recipe = load_config(FinetuneConfig, REPO / "configs/finetune_mae_tiny_fmnist.yaml")
-    assert (cfg.augment, cfg.optim, cfg.layer_decay) == (recipe.augment, recipe.optim, recipe.layer_decay)
-    # the ViT's train section but a shorter budget (4 of its 6 epochs: the Swin row fits one session)
+    # the ViT's optimiser and train section but a shorter budget (4 epochs: the Swin row fits one session); the
+    # augmentation the Swin row was measured with (the ViT's has moved to a lighter one, chosen on a carve)
+    assert (cfg.optim, cfg.layer_decay) == (recipe.optim, recipe.layer_decay)
     assert dataclasses.replace(cfg.train, epochs=recipe.train.epochs) == recipe.train and cfg.train.epochs == 4
-    assert (cfg.data.mean, cfg.data.std, cfg.data.crop_scale) == (FMNIST_MEAN, FMNIST_STD, recipe.data.crop_scale)
+    assert (cfg.data.mean, cfg.data.std) == (FMNIST_MEAN, FMNIST_STD)
+    assert cfg.augment.rand_augment == "rand-m3-mstd0.5-inc1" and cfg.data.crop_scale == (0.5, 1.0)
     assert cfg.encoder.checkpoint == "runs/bench_fmnist/ummae_swin" and cfg.encoder.global_pool is None
     # the scratch baseline (checkpoint null) is the SwinTransformer both pretraining models' checkpoints load into
     scratch = build_encoder(load_config(FinetuneConfig, REPO / "configs/finetune_swin_tiny_fmnist.yaml",
