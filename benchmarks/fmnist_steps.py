@@ -93,6 +93,11 @@ def pretrained_weights(out: Path) -> Path:
     return latest
 
 
+def written_after(path: Path, inputs: tuple[Path, ...]) -> bool:
+    """`path` exists and is newer than each of `inputs` (what it was computed from)."""
+    return path.is_file() and all(path.stat().st_mtime > source.stat().st_mtime for source in inputs)
+
+
 def image_counts(runs: dict[str, dict]) -> str:
     """'N training images, M validation images', from whichever run recorded them (rows kept from an older --json
     may not have)."""

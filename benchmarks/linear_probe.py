@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 from data import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
 # benchmarks/, first on sys.path when run as a script
-from fmnist_steps import StepSeconds, pretrain, pretrained_weights, pretraining_summary, run, write_split  # noqa: E402
+from fmnist_steps import (StepSeconds, pretrain, pretrained_weights, pretraining_summary, run,  # noqa: E402
+                          write_split, written_after)
 from probe_lr import LRS, sweep_base_lr  # noqa: E402
 
 # the probes: (name, config, overrides) -- each reads the features of one export below
@@ -41,11 +42,6 @@ PROBES = [
     ("L-BFGS protocol", "lbfgs", REPO / "configs/linprobe_lbfgs_fmnist.yaml", []),
     ("k-NN (k=20)", "knn", REPO / "configs/knn_fmnist.yaml", ["k=[20]"]),
 ]
-
-
-def written_after(path: Path, inputs: tuple[Path, ...]) -> bool:
-    """`path` exists and is newer than each of `inputs` (what it was computed from)."""
-    return path.is_file() and all(path.stat().st_mtime > source.stat().st_mtime for source in inputs)
 
 
 def export(name: str, features_dir: Path, data: list[str], encoder: list[str], seconds: StepSeconds,

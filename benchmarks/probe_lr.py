@@ -25,7 +25,7 @@ from finetune.feature_export import INDEX_FILE, FeatureWriter, read_feature_file
 from finetune.feature_sets import FeatureSet  # noqa: E402
 from finetune.logistic import validation_split  # noqa: E402
 
-from fmnist_steps import run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+from fmnist_steps import run, written_after  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
 
 DEFAULT_CONFIG = REPO / "configs/linprobe_fmnist.yaml"
 LRS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # LARS scales each step to 0.001 x lr x ||w||: wide, in half decades
@@ -58,13 +58,12 @@ def sweep_base_lr(features: Path, lrs: list[float], config: str | Path = DEFAULT
     features were last exported, are reused."""
     work = work or features / "lr_sweep"
     fit_dir, holdout_dir = write_split(features, work, val_fraction=0.1, seed=0)
-    exported = (features / "train" / INDEX_FILE).stat().st_mtime
     rows = []
     for lr in sorted(lrs):
         out = work / f"lr_{lr:g}"
         metrics_file = out / "metrics.json"
         overrides = [f"optim.base_lr={lr}"] + ([f"train.epochs={epochs}"] if epochs else [])
-        done = (metrics_file.is_file() and metrics_file.stat().st_mtime > exported
+        done = (written_after(metrics_file, (features / "train" / INDEX_FILE,))
                 and (not epochs or json.loads(metrics_file.read_text())["epochs"] == epochs))
         if not done:
             run(f"probe {features.name}, base_lr={lr:g}", finetune_main, [
