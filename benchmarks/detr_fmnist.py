@@ -3,8 +3,10 @@
 Each canvas (black, `--canvas` pixels square) holds 1-4 Fashion-MNIST items, each resized to a random size in
 [--min-item, --max-item] pixels and placed at a random position (overlapping another item by at most 0.3 IoU);
 a box is the tight box of the item's visible pixels, its category the item's class (ids 1-10). Training canvases use
-items of the first 5/6 of the source images, held-out canvases items of the rest. The set is written as COCO JSON +
-PNGs, then as detection shards through the data layer (data.read_coco, data.write_detection_shards).
+items of the other benchmarks' 54,000 training images, held-out canvases items of their 6,000 held-out ones
+(fmnist_steps.VAL_FRACTION / SPLIT_SEED), so that no backbone pretrained or finetuned on the 54,000 has seen a
+held-out item. The set is written as COCO JSON + PNGs, then as detection shards through the data layer
+(data.read_coco, data.write_detection_shards).
 
     OMP_NUM_THREADS=1 python benchmarks/detr_fmnist.py --json runs/bench_detr/detr.json   # ~25 min on CPU
     python benchmarks/detr_fmnist.py --smoke        # minutes: 64 + 16 canvases from the bundled images, 8 steps
@@ -36,11 +38,13 @@ from data import (  # noqa: E402
     read_coco,
     read_embedded,
     read_idx,
+    split_val_indices,
     write_detection_shards,
 )
 from finetune.cli import main as finetune_main  # noqa: E402
 
-from fmnist_steps import StepSeconds, run  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+# benchmarks/, first on sys.path when run as a script
+from fmnist_steps import SPLIT_SEED, VAL_FRACTION, StepSeconds, run  # noqa: E402
 
 CONFIG = REPO / "configs/detr_vit_tiny_fmnist.yaml"
 CATEGORIES = [{"id": index + 1, "name": name} for index, name in enumerate(FASHION_MNIST_CLASSES)]
@@ -126,23 +130,29 @@ def make_dataset(work: Path, args) -> dict:
     """The canvases (COCO JSON + PNGs) and their shards, unless written earlier; a description."""
     shards = work / "shards"
     described = work / "coco" / "dataset.json"
+    held_out_items = f"data.split_val_indices(val_fraction={VAL_FRACTION}, seed={SPLIT_SEED})"
     if (shards / "val" / "stats.json").is_file() and described.is_file():
-        print(f"\n== data: done earlier ({shards})")
-        return json.loads(described.read_text())
+        if json.loads(described.read_text()).get("held_out_items") == held_out_items:
+            print(f"\n== data: done earlier ({shards})")
+            return json.loads(described.read_text())
+        print(f"\n== data: {shards} holds canvases of an earlier item split: writing them again")
     images, labels, source = load_items(Path(args.fashion_mnist), args.smoke)
-    split = len(images) * 5 // 6  # training canvases use items [0, split), held-out canvases the rest
+    # the items the other benchmarks hold out (of the bundled images in a smoke run, the embedded shards' split)
+    held_out = np.zeros(len(images), dtype=bool)
+    held_out[sorted(split_val_indices(len(images), VAL_FRACTION, SPLIT_SEED))] = True
     coco = work / "coco"
     description = {"items_from": source, "canvas": args.canvas, "item_size": [args.min_item, args.max_item],
-                   "objects_per_image": [1, 4], "splits": {}}
-    for name, count, (start, stop), seed in (("train", args.train_images, (0, split), 0),
-                                              ("val", args.val_images, (split, len(images)), 1)):
-        annotations = write_coco_split(name, count, images[start:stop], labels[start:stop], coco, args, seed)
+                   "objects_per_image": [1, 4], "held_out_items": held_out_items, "splits": {}}
+    for name, count, items, seed in (("train", args.train_images, ~held_out, 0),
+                                     ("val", args.val_images, held_out, 1)):
+        annotations = write_coco_split(name, count, images[items], labels[items], coco, args, seed)
         source_set = read_coco(annotations, coco / name)
         [written] = write_detection_shards(source_set.images, shards / name, source_set.categories,
                                            options=ShardOptions(shard_size=max(1, count // 4), progress=False,
                                                                 overwrite=True))
         stats = written.stats
-        description["splits"][name] = {"images": count, "boxes": stats["boxes"], "items": f"[{start}, {stop})"}
+        description["splits"][name] = {"images": count, "boxes": stats["boxes"],
+                                       "items": f"{items.sum()} of the {len(images)}"}
     described.write_text(json.dumps(description, indent=2))
     return description
 

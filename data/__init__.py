@@ -4,7 +4,8 @@ Writing:   sources (read_idx, read_image_folder, read_manifest) -> write_labelle
            image-text pairs (read_pair_manifest, read_pair_folder) -> write_pair_shards; decode_pair
            COCO detection (read_coco) -> write_detection_shards; decode_detection, coco_ground_truth
            every writer takes ShardOptions (sizes, strict, workers, ImageOptions: keep bytes or shrink + JPEG) and
-           val_fraction/seed, writes sizes.json/shards.txt/stats.json, returns a WrittenShards per directory
+           val_fraction/seed (split_val_indices: which items that puts in val/), writes sizes.json/shards.txt/
+           stats.json, returns a WrittenShards per directory
 Reading:   expand_shards / expand_sources ("a::b" mixes sources), count_samples -> ShardStream (kind "labelled",
            "image-text", "detection" or "images"; evaluation, finite epochs or resampled) -> make_loader; SkipGuard
            read_shard_stats, read_class_names (read_matching_class_names: train vs val), read_categories:
@@ -60,6 +61,7 @@ from .writer import (
     ShardOptions,
     ShardWriter,
     WrittenShards,
+    split_val_indices,
     write_labelled_shards,
 )
 
@@ -118,6 +120,7 @@ __all__ = [
     "read_manifest",
     "read_pair_folder",
     "read_pair_manifest",
+    "split_val_indices",
     "read_shard_stats",
     "write_detection_shards",
     "write_labelled_shards",

@@ -373,6 +373,12 @@ def _note_foreign_shards(directory: Path) -> None:
               f"directory unless you read {directory / SHARD_LIST_FILE}", file=sys.stderr)
 
 
+def split_val_indices(total: int, val_fraction: float, seed: int) -> set[int]:
+    """The positions of the items `write_shards` puts in val/ out of `total` (a random `val_fraction`, depending
+    only on `total`, `val_fraction` and `seed`): for code that must use the same split without the shards."""
+    return set(random.Random(seed).sample(range(total), round(total * val_fraction)))
+
+
 def write_shards(
     items: Iterable,
     prepare: Callable[..., Prepared],
@@ -409,7 +415,7 @@ def write_shards(
         if not 0 < val_count < total:
             raise DataError(f"{out_dir}: a val_fraction of {val_fraction} of {total} items leaves "
                             f"{'val' if val_count == 0 else 'train'} empty")
-        val_indices = set(random.Random(seed).sample(range(total), val_count))
+        val_indices = split_val_indices(total, val_fraction, seed)
         splits = [(out_dir / split, split) for split in ("train", "val")]
     else:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")

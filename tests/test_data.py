@@ -31,6 +31,7 @@ from data import (
     read_image_folder,
     read_manifest,
     read_shard_stats,
+    split_val_indices,
     write_labelled_shards,
 )
 from data.__main__ import main as data_cli
@@ -252,6 +253,9 @@ def test_labelled_split_is_deterministic_by_seed(tmp_path):
 
     first, again, other = val_keys(tmp_path / "a", 1), val_keys(tmp_path / "b", 1), val_keys(tmp_path / "c", 2)
     assert len(first) == 6 and first == again and first != other
+    # the same split without writing shards (an IDX sample's key is its index)
+    assert {int(key) for key in first} == split_val_indices(30, 0.2, 1)
+    assert {int(key) for key in other} == split_val_indices(30, 0.2, 2)
 
 
 # ------------------------------------------------------------------------------------------------ shard specs

@@ -132,3 +132,41 @@ def test_a_student_taught_by_a_teacher_retrained_since_starts_over(tmp_path, mon
     os.utime(teacher, (start + 60, start + 60))  # the teacher trained again since
     assert student()["top1"] == 76.0
     assert len(calls) == 1 and "train.overwrite=true" in calls[0] and "train.resume=latest" not in calls[0]
+
+
+def test_detr_canvases_hold_out_the_items_every_other_benchmark_holds_out(tmp_path, monkeypatch):
+    """The held-out canvases are made of the images the 54k/6k split holds out, so that no backbone pretrained or
+    finetuned on the training split has seen a held-out item; canvases of an earlier split are written again."""
+    import argparse
+
+    import numpy as np
+
+    from data import read_embedded, split_val_indices
+
+    detr = load_benchmark("detr_fmnist")
+    drawn_from = {}
+    original = detr.write_coco_split
+
+    def recording(name, count, images, labels, out, args, seed):
+        drawn_from[name] = images
+        return original(name, count, images, labels, out, args, seed)
+
+    monkeypatch.setattr(detr, "write_coco_split", recording)
+    args = argparse.Namespace(fashion_mnist=str(tmp_path / "none"), smoke=True, canvas=32, min_item=8, max_item=16,
+                              train_images=8, val_images=4)
+    description = detr.make_dataset(tmp_path / "work", args)
+
+    images, _, _ = detr.load_items(tmp_path / "none", smoke=True)
+    assert len(images) == len(read_embedded()[1])
+    held_out = sorted(split_val_indices(len(images), 0.1, 0))
+    training = sorted(set(range(len(images))) - set(held_out))
+    assert np.array_equal(drawn_from["val"], images[held_out])
+    assert np.array_equal(drawn_from["train"], images[training])
+    assert description["splits"]["val"]["images"] == 4 and description["splits"]["train"]["images"] == 8
+
+    drawn_from.clear()
+    assert detr.make_dataset(tmp_path / "work", args) == description and not drawn_from  # done earlier: kept
+    described = tmp_path / "work" / "coco" / "dataset.json"
+    described.write_text(json.dumps({**description, "held_out_items": "the last sixth"}))  # an earlier split
+    detr.make_dataset(tmp_path / "work", args)
+    assert set(drawn_from) == {"train", "val"}
