@@ -11,7 +11,10 @@ Steps (each skipped when its output already exists, so an interrupted benchmark 
    benchmarks/linear_probe.py: the same --work-dir reuses them).
 2. `python -m data captions` turns the training shards into image-text shards (data/captions.py), and the
    validation shards into held-out pairs (WORK/clip_pairs_val).
-3. `python -m pretrain` trains CLIP (configs/clip_vit_tiny_fmnist.yaml) on the pairs.
+3. `python -m pretrain` trains CLIP (configs/clip_vit_tiny_fmnist.yaml) on the pairs; when the config starts the
+   image tower from an MAE (`model.image_tower_checkpoint`), that is the benchmarks' Fashion-MNIST MAE (WORK/mae,
+   configs/mae_vit_tiny_fmnist.yaml), pretrained first if need be. A CLIP run of another recipe, or begun before
+   the MAE was last written, starts over.
 4. `python -m finetune` evaluates zero-shot on the validation shards, once per prompt set, and retrieval on the
    held-out pairs (every one of the 6,000 a candidate); the tables are printed.
 """
@@ -22,14 +25,22 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data.__main__ import main as data_main  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
+from pretrain.checkpoint import find_latest  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
+from pretrain.config import CLIPPretrainConfig  # noqa: E402
 
-from fmnist_steps import StepSeconds, run, write_split  # noqa: E402  (benchmarks/, first on sys.path when run as a script)
+# benchmarks/, first on sys.path when run as a script
+from fmnist_steps import (MAE_CONFIG, StepSeconds, pretrain, pretrained_weights, recipe_changes, run,  # noqa: E402
+                          write_split)
+
+CLIP_CONFIG = REPO / "configs/clip_vit_tiny_fmnist.yaml"
 
 CLASS_NAMES = REPO / "configs/fashion_mnist_classnames.txt"  # everyday words ("t-shirt", "trousers", ...)
 TEMPLATES = REPO / "configs/fashion_mnist_templates.txt"  # 10 templates for grey product photos
@@ -65,15 +76,7 @@ def main() -> None:
             seconds.record(f"caption shards ({split})", run(f"captions ({split})", data_main, [
                 "captions", "--shards", str(shards / split), "--out", str(out), "--shard-size", "5000",
                 "--no-progress", "--overwrite"]))
-    pretrain_argv = ["--config", str(REPO / "configs/clip_vit_tiny_fmnist.yaml"), f"output_dir={clip_dir}",
-                     f"data.train={pairs}", f"data.val={val_pairs}", f"eval.zeroshot_shards={shards / 'val'}"]
-    if args.epochs:
-        pretrain_argv.append(f"train.epochs={args.epochs}")
-    if not (clip_dir / "open_clip" / "open_clip_model.safetensors").is_file():
-        # an interrupted run continues from its latest checkpoint; one that wrote none starts over
-        started = (clip_dir / "checkpoints").is_dir() and any((clip_dir / "checkpoints").glob("step_*"))
-        pretrain_argv.append("train.resume=latest" if started else "train.overwrite=true")
-        seconds.record("CLIP pretraining", run("pretrain", pretrain_main, pretrain_argv), resumed=started)
+    train_clip(work, clip_dir, args.epochs, seconds)
 
     rows = []
     for index, (name, (templates, classes)) in enumerate(PROMPT_SETS.items()):
@@ -129,6 +132,32 @@ def main() -> None:
                                     "clip_final_log": log[-1], "summary": summary_rows(rows, retrieval),
                                     "seconds": seconds}, indent=2) + "\n")
         print(f"\nwrote {path}")
+
+
+def train_clip(work: Path, clip_dir: Path, epochs: int | None, seconds: StepSeconds,
+               config: Path = CLIP_CONFIG) -> None:
+    """Train (or resume, or keep) the CLIP of `config` in `clip_dir` on WORK's pairs."""
+    shards, pairs, val_pairs = work / "shards", work / "clip_pairs", work / "clip_pairs_val"
+    overrides = [f"output_dir={clip_dir}", f"data.train={pairs}", f"data.val={val_pairs}",
+                 f"eval.zeroshot_shards={shards / 'val'}"]
+    inputs: tuple[Path, ...] = ()
+    if yaml.safe_load(config.read_text())["model"].get("image_tower_checkpoint"):
+        # the image tower starts from the benchmarks' Fashion-MNIST MAE, pretrained first if need be
+        mae_dir = work / "mae"
+        pretrain("MAE pretraining", MAE_CONFIG, mae_dir, [f"data.train={shards / 'train'}",
+                                                          f"data.val={shards / 'val'}"], seconds)
+        overrides.append(f"model.image_tower_checkpoint={mae_dir}")
+        inputs = (pretrained_weights(mae_dir),)
+    if epochs:
+        overrides.append(f"train.epochs={epochs}")
+    changed = recipe_changes(clip_dir, CLIPPretrainConfig, config, overrides, inputs=inputs)
+    if changed:
+        print(f"\n== CLIP pretraining: {clip_dir} holds a run of another recipe ({', '.join(changed)}): starting over")
+    if changed or not (clip_dir / "open_clip" / "open_clip_model.safetensors").is_file():
+        # an interrupted run continues from its latest checkpoint; one that wrote none starts over
+        started = not changed and find_latest(clip_dir / "checkpoints") is not None
+        argv = ["--config", str(config), *overrides, "train.resume=latest" if started else "train.overwrite=true"]
+        seconds.record("CLIP pretraining", run("pretrain", pretrain_main, argv), resumed=started)
 
 
 def summary_rows(rows: list[dict], retrieval: dict) -> list[dict]:

@@ -41,10 +41,9 @@ from finetune.config import FinetuneConfig  # noqa: E402
 from pretrain.checkpoint import find_latest  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
-from fmnist_steps import (StepSeconds, image_counts, prepare_shards, pretrain, pretrained_weights,  # noqa: E402
-                          recipe_changes, run)
+from fmnist_steps import (MAE_CONFIG, StepSeconds, image_counts, prepare_shards, pretrain,  # noqa: E402
+                          pretrained_weights, recipe_changes, run)
 
-MAE_CONFIG = REPO / "configs/mae_vit_tiny_fmnist.yaml"
 FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
 DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
 TEACHER_CONFIG = REPO / "configs/teacher_cnn_fmnist.yaml"

@@ -16,6 +16,9 @@ from pretrain.checkpoint import find_latest
 from pretrain.cli import main as pretrain_main
 from pretrain.config import MAEPretrainConfig, load_config, to_dict
 
+REPO = Path(__file__).resolve().parents[1]
+MAE_CONFIG = REPO / "configs/mae_vit_tiny_fmnist.yaml"  # the benchmarks' one Fashion-MNIST MAE (WORK/mae)
+
 
 def run(step: str, main, argv: list[str]) -> float:
     """`main(argv)` of `python -m data|pretrain|finetune`, announced; its seconds; a failure stops the benchmark."""

@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 from data import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
 # benchmarks/, first on sys.path when run as a script
-from fmnist_steps import (StepSeconds, pretrain, pretrained_weights, pretraining_summary, run,  # noqa: E402
-                          write_split, written_after)
+from fmnist_steps import (MAE_CONFIG, StepSeconds, pretrain, pretrained_weights, pretraining_summary,  # noqa: E402
+                          run, write_split, written_after)
 from probe_lr import LRS, sweep_base_lr  # noqa: E402
 
 # the probes: (name, config, overrides) -- each reads the features of one export below
@@ -136,7 +136,7 @@ def main() -> None:
     # the exports see the images as the probe configs' data sections do (32 px, no crop, Fashion-MNIST's statistics)
     export_data = [*data, "data.image_size=32", "data.eval_crop_fraction=1.0",
                    f"data.mean={list(FASHION_MNIST_MEAN)}", f"data.std={list(FASHION_MNIST_STD)}"]
-    mae_dir, mae_config = work / "mae", REPO / "configs/mae_vit_tiny_fmnist.yaml"
+    mae_dir, mae_config = work / "mae", MAE_CONFIG
     mae = None
     if "mae" in encoders:
         if args.skip_pretrain and not (mae_dir / "reconstructions.png").is_file():  # written when pretraining ends

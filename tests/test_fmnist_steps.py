@@ -170,3 +170,54 @@ def test_detr_canvases_hold_out_the_items_every_other_benchmark_holds_out(tmp_pa
     described.write_text(json.dumps({**description, "held_out_items": "the last sixth"}))  # an earlier split
     detr.make_dataset(tmp_path / "work", args)
     assert set(drawn_from) == {"train", "val"}
+
+
+def test_clip_benchmark_starts_its_image_tower_from_the_mae_and_trains_again_for_another_recipe(tmp_path, monkeypatch):
+    """A CLIP config whose image tower starts from an MAE gets the benchmarks' MAE (pretrained first); a CLIP run of
+    another recipe, or begun before the MAE was last written, is trained again; a finished one is kept."""
+    import os
+
+    import yaml
+
+    from pretrain.config import CLIPPretrainConfig, load_config, save_config
+
+    clip = load_benchmark("clip_zeroshot")
+    work = tmp_path / "work"
+    clip_dir = work / "clip"
+    mae_weights = work / "mae" / "checkpoints" / "step_00000010"
+    mae_weights.mkdir(parents=True)
+    pretrained, calls = [], []
+    monkeypatch.setattr(clip, "pretrain", lambda step, config, out, overrides, seconds: pretrained.append(out))
+    monkeypatch.setattr(clip, "pretrained_weights", lambda out: mae_weights)
+
+    def fake_run(step, main, argv):  # what a finished CLIP run leaves: its config and its open_clip export
+        calls.append(argv)
+        clip_dir.mkdir(parents=True, exist_ok=True)
+        save_config(load_config(CLIPPretrainConfig, argv[1], argv[2:]), clip_dir / "config.yaml")
+        export = clip_dir / "open_clip" / "open_clip_model.safetensors"
+        export.parent.mkdir(exist_ok=True)
+        export.write_bytes(b"")
+        return 1.0
+    monkeypatch.setattr(clip, "run", fake_run)
+    seconds = fmnist_steps.StepSeconds(tmp_path / "seconds.json")
+    recipe = yaml.safe_load(clip.CLIP_CONFIG.read_text())
+    recipe["model"].pop("image_tower_checkpoint", None)
+    random_init = tmp_path / "clip_random_init.yaml"
+    random_init.write_text(yaml.safe_dump(recipe))
+    recipe["model"]["image_tower_checkpoint"] = "runs/bench_fmnist/mae"
+    from_mae = tmp_path / "clip_from_mae.yaml"
+    from_mae.write_text(yaml.safe_dump(recipe))
+
+    clip.train_clip(work, clip_dir, None, seconds, config=random_init)
+    assert len(calls) == 1 and not pretrained and not any("image_tower_checkpoint" in arg for arg in calls[0])
+    clip.train_clip(work, clip_dir, None, seconds, config=random_init)
+    assert len(calls) == 1  # done earlier: kept
+    clip.train_clip(work, clip_dir, None, seconds, config=from_mae)
+    assert pretrained == [work / "mae"] and len(calls) == 2
+    assert f"model.image_tower_checkpoint={work / 'mae'}" in calls[1] and "train.overwrite=true" in calls[1]
+    clip.train_clip(work, clip_dir, None, seconds, config=from_mae)
+    assert len(calls) == 2
+    later = (clip_dir / "config.yaml").stat().st_mtime + 60
+    os.utime(mae_weights, (later, later))  # the MAE pretrained again since
+    clip.train_clip(work, clip_dir, None, seconds, config=from_mae)
+    assert len(calls) == 3 and "train.overwrite=true" in calls[2]
