@@ -132,9 +132,10 @@ def make_dataset(work: Path, args) -> dict:
     described = work / "coco" / "dataset.json"
     held_out_items = f"data.split_val_indices(val_fraction={VAL_FRACTION}, seed={SPLIT_SEED})"
     if (shards / "val" / "stats.json").is_file() and described.is_file():
-        if json.loads(described.read_text()).get("held_out_items") == held_out_items:
+        earlier = json.loads(described.read_text())
+        if earlier.get("held_out_items") == held_out_items:
             print(f"\n== data: done earlier ({shards})")
-            return json.loads(described.read_text())
+            return earlier
         print(f"\n== data: {shards} holds canvases of an earlier item split: writing them again")
     images, labels, source = load_items(Path(args.fashion_mnist), args.smoke)
     # the items the other benchmarks hold out (of the bundled images in a smoke run, the embedded shards' split)
