@@ -1,4 +1,4 @@
-"""DETR on a synthetic detection set made of Fashion-MNIST items, on CPU, on the Fashion-MNIST MAE.
+"""DETR on a synthetic detection set made of Fashion-MNIST items, on CPU, on the finetuned Fashion-MNIST MAE.
 
 Each canvas (black, `--canvas` pixels square) holds 1-4 Fashion-MNIST items, each resized to a random size in
 [--min-item, --max-item] pixels and placed at a random position (overlapping another item by at most 0.3 IoU);
@@ -8,13 +8,14 @@ items of the other benchmarks' 54,000 training images, held-out canvases items o
 held-out item. The set is written as COCO JSON + PNGs, then as detection shards through the data layer
 (data.read_coco, data.write_detection_shards).
 
-    OMP_NUM_THREADS=1 python benchmarks/detr_fmnist.py --json runs/bench_detr/detr.json   # ~25 min on CPU
+    python benchmarks/detr_fmnist.py --json runs/bench_detr/detr.json   # ~40 min on 2 CPU cores in bf16
     python benchmarks/detr_fmnist.py --smoke        # minutes: 64 + 16 canvases from the bundled images, 8 steps
 
 Steps (the data step is skipped when its output exists; the DETR run starts afresh):
 1. canvases, COCO JSON, shards (runs/bench_detr/coco, runs/bench_detr/shards/{train,val});
-2. `python -m finetune --config configs/detr_vit_tiny_fmnist.yaml` on the MAE at runs/bench_fmnist/mae (made by
-   benchmarks/linear_probe.py or finetune_fmnist.py; --smoke trains that tiny MAE for 2 steps instead);
+2. `python -m finetune --config configs/detr_vit_tiny_fmnist.yaml` on the config's backbone: the Fashion-MNIST MAE
+   finetuned as a classifier, runs/bench_fmnist/finetune_mae (made by benchmarks/finetune_fmnist.py; --backbone
+   another run; --smoke trains a tiny MAE for a few steps instead);
 3. COCO AP of the held-out canvases (metrics.json) and boxes.png.
 """
 from __future__ import annotations
@@ -159,7 +160,7 @@ def make_dataset(work: Path, args) -> dict:
 
 
 def smoke_mae(work: Path) -> Path:
-    """--smoke: a micro MAE trained for a few steps on the bundled images (the real run reuses the 3-epoch one)."""
+    """--smoke: a micro MAE trained for a few steps on the bundled images (the real run reuses the finetuned MAE)."""
     from pretrain.cli import main as pretrain_main
 
     mae = work / "mae"
@@ -177,7 +178,8 @@ def main() -> None:
     parser.add_argument("--fashion-mnist", default=str(REPO.parent / "shared/datasets/fashion-mnist"),
                         help="folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz (absent: the bundled 3k)")
     parser.add_argument("--work-dir", default=None, help="default: runs/bench_detr (--smoke: runs/bench_detr_smoke)")
-    parser.add_argument("--mae", default=str(REPO / "runs/bench_fmnist/mae"), help="the MAE run the backbone comes from")
+    parser.add_argument("--backbone", default=None,
+                        help="the run the backbone comes from (default: the config's encoder.checkpoint)")
     parser.add_argument("--train-images", type=int, default=None, help="training canvases (default 4000; smoke 64)")
     parser.add_argument("--val-images", type=int, default=None, help="held-out canvases (default 500; smoke 16)")
     parser.add_argument("--canvas", type=int, default=64, help="canvas side in pixels")
@@ -193,17 +195,18 @@ def main() -> None:
     work = Path(args.work_dir or ("runs/bench_detr_smoke" if args.smoke else "runs/bench_detr"))
     seconds = StepSeconds(work / "seconds" / "detr_fmnist.json")
     dataset = make_dataset(work, args)
-    mae = smoke_mae(work) if args.smoke else Path(args.mae)
+    config = yaml.safe_load(CONFIG.read_text())
+    backbone = smoke_mae(work) if args.smoke else Path(args.backbone or REPO / config["encoder"]["checkpoint"])
     out = work / "detr"
-    epochs = yaml.safe_load(CONFIG.read_text())["train"]["epochs"]
+    epochs = config["train"]["epochs"]
     finished = (out / "metrics.json").is_file() and json.loads((out / "metrics.json").read_text()).get("epochs") == epochs
     if finished and not args.smoke and not args.overrides:
         print(f"\n== detr: done earlier ({out / 'metrics.json'})")
     else:  # an interrupted run continues from its latest checkpoint
         restart = "train.resume=latest" if (out / "checkpoints").is_dir() and not args.smoke else "train.overwrite=true"
         argv = ["--config", str(CONFIG), f"output_dir={out}", f"data.train={work / 'shards/train'}",
-                f"data.val={work / 'shards/val'}", f"encoder.checkpoint={mae}", restart,
-                *(SMOKE if args.smoke else []), *args.overrides]
+                f"data.val={work / 'shards/val'}", f"encoder.checkpoint={backbone}", restart,
+                *(SMOKE + ["encoder.global_pool=null"] if args.smoke else []), *args.overrides]  # smoke: an MAE
         seconds.record("DETR training + evaluation", run("detr", finetune_main, argv),
                        resumed=restart == "train.resume=latest")
     metrics = json.loads((out / "metrics.json").read_text())

@@ -368,7 +368,12 @@ def load_trunk(model: nn.Module, state: dict[str, torch.Tensor], where: str, new
         allowed_missing |= {"dist_token"} if hasattr(model, "dist_token") else set()
     problems = state_dict_mismatch(model.state_dict(), state, allowed_missing)
     if problems is not None:
-        raise CheckpointError(f"the weights of {where} do not fit the model ({type(model).__name__}): {problems}")
+        hint = ""
+        if "fc_norm.weight" in state and "norm.weight" not in state and "norm.weight" in model.state_dict():
+            # a classifier finetuned with global average pooling has no final token norm, only the pooled fc_norm
+            hint = " (a classifier finetuned with global average pooling: set encoder.global_pool=avg)"
+        raise CheckpointError(f"the weights of {where} do not fit the model ({type(model).__name__}): "
+                              f"{problems}{hint}")
     model.load_state_dict(state, strict=False)
 
 

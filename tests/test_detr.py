@@ -176,6 +176,32 @@ def test_vit_and_swin_backbones_take_any_input_size(model_name, stride):
 
 
 
+def test_a_classifier_finetuned_with_average_pooling_is_a_backbone_with_its_own_weights(tmp_path):
+    """The Fashion-MNIST DETR's backbone is the finetuned MAE classifier (global average pooling: fc_norm, no final
+    token norm). With encoder.global_pool=avg every trunk weight loads as it was finetuned; with token pooling the
+    missing norm is refused with the setting that fits."""
+    from pretrain.checkpoint import save_weights
+    from pretrain.encoders import CLASSIFIER_OBJECTIVE, SPEC_KEY, CheckpointError, build_encoder
+
+    torch.manual_seed(0)
+    classifier = build_encoder(EncoderConfig(model_name="mae_vit_tiny_patch4", image_size=32, global_pool="avg",
+                                             drop_path=0.0), num_classes=10)
+    save_weights(tmp_path / "last" / "model.safetensors", classifier.model.state_dict(),
+                 {"objective": CLASSIFIER_OBJECTIVE, SPEC_KEY: json.dumps(classifier.spec)})
+
+    backbone, _, description = build_backbone(EncoderConfig(checkpoint=str(tmp_path / "last"), image_size=32,
+                                                            global_pool="avg", drop_path=0.0))
+    assert description.startswith("finetuned classifier")
+    trained = classifier.model.state_dict()
+    loaded = backbone.trunk.state_dict()
+    assert "norm.weight" not in loaded and "head.weight" not in loaded
+    for name, value in loaded.items():
+        assert torch.equal(value, trained[name]), name
+
+    with pytest.raises(CheckpointError, match="set encoder.global_pool=avg"):
+        build_backbone(EncoderConfig(checkpoint=str(tmp_path / "last"), image_size=32, global_pool=None, drop_path=0.0))
+
+
 def test_detr_gives_final_and_auxiliary_outputs_of_every_decoder_layer():
     torch.manual_seed(0)
     backbone, _, _ = build_backbone(EncoderConfig(model_name="mae_vit_tiny_patch4", image_size=32, global_pool=None, drop_path=0.0))
