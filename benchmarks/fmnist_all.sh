@@ -17,6 +17,7 @@ mkdir -p docs/results
 "$PY" benchmarks/linear_probe.py --fashion-mnist "$FMNIST" --json docs/results/probe.json # its raw-pixel L-BFGS sweep is slow (3,072-d)
 # CLIP and DETR side by side, one thread each: two one-thread jobs get more out of 2 cores than one job on two
 # (DETR's small ops waited on a busy second core: 0.22 s a step on one thread against 5.5 s on two)
+# (CLIP starts from the MAE and DETR from the finetuned MAE, both made by finetune_fmnist.py above)
 OMP_NUM_THREADS=1 "$PY" benchmarks/clip_zeroshot.py --fashion-mnist "$FMNIST" --json docs/results/clip.json &
 clip=$!
 OMP_NUM_THREADS=1 "$PY" benchmarks/detr_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/detr.json
