@@ -11,7 +11,8 @@ held-out item. The set is written as COCO JSON + PNGs, then as detection shards 
     python benchmarks/detr_fmnist.py --json runs/bench_detr/detr.json   # ~40 min on 2 CPU cores in bf16
     python benchmarks/detr_fmnist.py --smoke        # minutes: 64 + 16 canvases from the bundled images, 8 steps
 
-Steps (the data step is skipped when its output exists; the DETR run starts afresh):
+Steps (each skipped when done; the DETR run resumes when interrupted and starts over for another recipe or a
+backbone written since it began):
 1. canvases, COCO JSON, shards (runs/bench_detr/coco, runs/bench_detr/shards/{train,val});
 2. `python -m finetune --config configs/detr_vit_tiny_fmnist.yaml` on the config's backbone: the Fashion-MNIST MAE
    finetuned as a classifier, runs/bench_fmnist/finetune_mae (made by benchmarks/finetune_fmnist.py; --backbone
@@ -43,9 +44,12 @@ from data import (  # noqa: E402
     write_detection_shards,
 )
 from finetune.cli import main as finetune_main  # noqa: E402
+from finetune.config import DetrConfig  # noqa: E402
+from pretrain.checkpoint import find_latest, resolve_weights_file  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
-from fmnist_steps import SPLIT_SEED, VAL_FRACTION, StepSeconds, run  # noqa: E402
+from fmnist_steps import SPLIT_SEED, VAL_FRACTION, StepSeconds, recipe_changes, run  # noqa: E402
 
 CONFIG = REPO / "configs/detr_vit_tiny_fmnist.yaml"
 CATEGORIES = [{"id": index + 1, "name": name} for index, name in enumerate(FASHION_MNIST_CLASSES)]
@@ -173,6 +177,28 @@ def smoke_mae(work: Path) -> Path:
     return mae
 
 
+def train_detr(work: Path, backbone: Path, seconds: StepSeconds, overrides: list[str], smoke: bool = False) -> dict:
+    """Run, resume or skip the DETR run into work/detr; its metrics.json. A run of another recipe (its config.yaml
+    differs) or begun before the backbone's weights were last written (the finetune run again) starts over; a smoke
+    run always does."""
+    out = work / "detr"
+    recipe = [f"output_dir={out}", f"data.train={work / 'shards/train'}", f"data.val={work / 'shards/val'}",
+              f"encoder.checkpoint={backbone}", *(SMOKE + ["encoder.global_pool=null"] if smoke else []), *overrides]
+    metrics_file = out / "metrics.json"
+    changed = ["--smoke"] if smoke else recipe_changes(out, DetrConfig, CONFIG, recipe,
+                                                        inputs=(resolve_weights_file(backbone),))
+    if changed and (out / "config.yaml").is_file():
+        print(f"\n== detr: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
+    elif metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == \
+            load_config(DetrConfig, CONFIG, recipe).train.epochs:
+        print(f"\n== detr: done earlier ({metrics_file})")
+        return json.loads(metrics_file.read_text())
+    resume = not changed and find_latest(out / "checkpoints") is not None
+    argv = ["--config", str(CONFIG), *recipe, "train.resume=latest" if resume else "train.overwrite=true"]
+    seconds.record("DETR training + evaluation", run("detr", finetune_main, argv), resumed=resume)
+    return json.loads(metrics_file.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fashion-mnist", default=str(REPO.parent / "shared/datasets/fashion-mnist"),
@@ -195,21 +221,10 @@ def main() -> None:
     work = Path(args.work_dir or ("runs/bench_detr_smoke" if args.smoke else "runs/bench_detr"))
     seconds = StepSeconds(work / "seconds" / "detr_fmnist.json")
     dataset = make_dataset(work, args)
-    config = yaml.safe_load(CONFIG.read_text())
-    backbone = smoke_mae(work) if args.smoke else Path(args.backbone or REPO / config["encoder"]["checkpoint"])
+    configured = yaml.safe_load(CONFIG.read_text())["encoder"]["checkpoint"]
+    backbone = smoke_mae(work) if args.smoke else Path(args.backbone or REPO / configured)
+    metrics = train_detr(work, backbone, seconds, args.overrides, smoke=args.smoke)
     out = work / "detr"
-    epochs = config["train"]["epochs"]
-    finished = (out / "metrics.json").is_file() and json.loads((out / "metrics.json").read_text()).get("epochs") == epochs
-    if finished and not args.smoke and not args.overrides:
-        print(f"\n== detr: done earlier ({out / 'metrics.json'})")
-    else:  # an interrupted run continues from its latest checkpoint
-        restart = "train.resume=latest" if (out / "checkpoints").is_dir() and not args.smoke else "train.overwrite=true"
-        argv = ["--config", str(CONFIG), f"output_dir={out}", f"data.train={work / 'shards/train'}",
-                f"data.val={work / 'shards/val'}", f"encoder.checkpoint={backbone}", restart,
-                *(SMOKE + ["encoder.global_pool=null"] if args.smoke else []), *args.overrides]  # smoke: an MAE
-        seconds.record("DETR training + evaluation", run("detr", finetune_main, argv),
-                       resumed=restart == "train.resume=latest")
-    metrics = json.loads((out / "metrics.json").read_text())
 
     print(f"\n## DETR on synthetic Fashion-MNIST canvases ({dataset['splits']['train']['images']} train / "
           f"{dataset['splits']['val']['images']} held-out, {args.canvas}x{args.canvas} px)\n")

@@ -221,3 +221,51 @@ def test_clip_benchmark_starts_its_image_tower_from_the_mae_and_trains_again_for
     os.utime(mae_weights, (later, later))  # the MAE pretrained again since
     clip.train_clip(work, clip_dir, None, seconds, config=from_mae)
     assert len(calls) == 3 and "train.overwrite=true" in calls[2]
+
+
+def test_detr_benchmark_trains_again_for_another_recipe_or_a_newer_backbone_and_resumes_an_interrupted_run(
+        tmp_path, monkeypatch):
+    """benchmarks/detr_fmnist.py's DETR step: a finished run is kept; another recipe (an override) or a backbone
+    written since the run began (the finetune run again) starts over; an interrupted run resumes."""
+    import os
+
+    from finetune.config import DetrConfig
+    from pretrain.config import load_config, save_config
+
+    detr = load_benchmark("detr_fmnist")
+    work = tmp_path / "work"
+    out = work / "detr"
+    backbone = tmp_path / "finetune_mae" / "last"
+    backbone.mkdir(parents=True)
+    (backbone / "model.safetensors").write_bytes(b"")
+    calls = []
+
+    def fake_run(step, main, argv):  # what a finished DETR run leaves: its config and metrics.json
+        calls.append(argv)
+        cfg = load_config(DetrConfig, argv[1], argv[2:])
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "metrics.json").write_text(json.dumps({"epochs": cfg.train.epochs}))
+        return 1.0
+    monkeypatch.setattr(detr, "run", fake_run)
+    seconds = fmnist_steps.StepSeconds(tmp_path / "seconds.json")
+
+    detr.train_detr(work, backbone, seconds, [])
+    assert len(calls) == 1 and "train.overwrite=true" in calls[0] and f"encoder.checkpoint={backbone}" in calls[0]
+    detr.train_detr(work, backbone, seconds, [])
+    assert len(calls) == 1  # done earlier: kept
+    detr.train_detr(work, backbone, seconds, ["lr_drop=5"])
+    assert len(calls) == 2 and "train.overwrite=true" in calls[1]  # another recipe
+    detr.train_detr(work, backbone, seconds, ["lr_drop=5"])
+    assert len(calls) == 2
+    later = (out / "config.yaml").stat().st_mtime + 60
+    os.utime(backbone / "model.safetensors", (later, later))  # the backbone finetuned again since
+    detr.train_detr(work, backbone, seconds, ["lr_drop=5"])
+    assert len(calls) == 3 and "train.overwrite=true" in calls[2]
+    os.utime(out / "config.yaml", (later + 60, later + 60))  # that run began after the backbone was written
+
+    (out / "metrics.json").write_text(json.dumps({"epochs": 2}))  # stopped after 2 epochs, a checkpoint kept
+    (out / "checkpoints" / "step_00000500").mkdir(parents=True)
+    monkeypatch.setattr(detr, "find_latest", lambda root: root / "step_00000500" if root == out / "checkpoints" else None)
+    detr.train_detr(work, backbone, seconds, ["lr_drop=5"])
+    assert len(calls) == 4 and "train.resume=latest" in calls[3]
