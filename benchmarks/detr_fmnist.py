@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +220,7 @@ def main() -> None:
     work = Path(args.work_dir or ("runs/bench_detr_smoke" if args.smoke else "runs/bench_detr"))
     seconds = StepSeconds(work / "seconds" / "detr_fmnist.json")
     dataset = make_dataset(work, args)
-    configured = yaml.safe_load(CONFIG.read_text())["encoder"]["checkpoint"]
+    configured = load_config(DetrConfig, CONFIG).encoder.checkpoint  # the config read as every run reads it
     backbone = smoke_mae(work) if args.smoke else Path(args.backbone or REPO / configured)
     metrics = train_detr(work, backbone, seconds, args.overrides, smoke=args.smoke)
     out = work / "detr"
