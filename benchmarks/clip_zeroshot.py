@@ -32,12 +32,11 @@ sys.path.insert(0, str(REPO))
 
 from data.__main__ import main as data_main  # noqa: E402
 from finetune.cli import main as finetune_main  # noqa: E402
-from pretrain.checkpoint import find_latest  # noqa: E402
 from pretrain.cli import main as pretrain_main  # noqa: E402
 from pretrain.config import CLIPPretrainConfig  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
-from fmnist_steps import (MAE_CONFIG, StepSeconds, pretrain, pretrained_weights, recipe_changes, run,  # noqa: E402
+from fmnist_steps import (MAE_CONFIG, StepSeconds, pretrain, pretrained_weights, run, run_or_resume,  # noqa: E402
                           write_split)
 
 CLIP_CONFIG = REPO / "configs/clip_vit_tiny_fmnist.yaml"
@@ -150,14 +149,8 @@ def train_clip(work: Path, clip_dir: Path, epochs: int | None, seconds: StepSeco
         inputs = (pretrained_weights(mae_dir),)
     if epochs:
         overrides.append(f"train.epochs={epochs}")
-    changed = recipe_changes(clip_dir, CLIPPretrainConfig, config, overrides, inputs=inputs)
-    if changed:
-        print(f"\n== CLIP pretraining: {clip_dir} holds a run of another recipe ({', '.join(changed)}): starting over")
-    if changed or not (clip_dir / "open_clip" / "open_clip_model.safetensors").is_file():
-        # an interrupted run continues from its latest checkpoint; one that wrote none starts over
-        started = not changed and find_latest(clip_dir / "checkpoints") is not None
-        argv = ["--config", str(config), *overrides, "train.resume=latest" if started else "train.overwrite=true"]
-        seconds.record("CLIP pretraining", run("pretrain", pretrain_main, argv), resumed=started)
+    run_or_resume("CLIP pretraining", pretrain_main, CLIPPretrainConfig, config, clip_dir, overrides,
+                  lambda: (clip_dir / "open_clip" / "open_clip_model.safetensors").is_file(), seconds, inputs=inputs)
 
 
 def summary_rows(rows: list[dict], retrieval: dict) -> list[dict]:

@@ -44,11 +44,11 @@ from data import (  # noqa: E402
 )
 from finetune.cli import main as finetune_main  # noqa: E402
 from finetune.config import DetrConfig  # noqa: E402
-from pretrain.checkpoint import find_latest, resolve_weights_file  # noqa: E402
+from pretrain.checkpoint import resolve_weights_file  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
-from fmnist_steps import SPLIT_SEED, VAL_FRACTION, StepSeconds, recipe_changes, run  # noqa: E402
+from fmnist_steps import SPLIT_SEED, VAL_FRACTION, StepSeconds, run, run_or_resume  # noqa: E402
 
 CONFIG = REPO / "configs/detr_vit_tiny_fmnist.yaml"
 CATEGORIES = [{"id": index + 1, "name": name} for index, name in enumerate(FASHION_MNIST_CLASSES)]
@@ -184,17 +184,10 @@ def train_detr(work: Path, backbone: Path, seconds: StepSeconds, overrides: list
     recipe = [f"output_dir={out}", f"data.train={work / 'shards/train'}", f"data.val={work / 'shards/val'}",
               f"encoder.checkpoint={backbone}", *(SMOKE + ["encoder.global_pool=null"] if smoke else []), *overrides]
     metrics_file = out / "metrics.json"
-    changed = ["--smoke"] if smoke else recipe_changes(out, DetrConfig, CONFIG, recipe,
-                                                        inputs=(resolve_weights_file(backbone),))
-    if changed and (out / "config.yaml").is_file():
-        print(f"\n== detr: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
-    elif metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == \
-            load_config(DetrConfig, CONFIG, recipe).train.epochs:
-        print(f"\n== detr: done earlier ({metrics_file})")
-        return json.loads(metrics_file.read_text())
-    resume = not changed and find_latest(out / "checkpoints") is not None
-    argv = ["--config", str(CONFIG), *recipe, "train.resume=latest" if resume else "train.overwrite=true"]
-    seconds.record("DETR training + evaluation", run("detr", finetune_main, argv), resumed=resume)
+    epochs = load_config(DetrConfig, CONFIG, recipe).train.epochs
+    run_or_resume("DETR training + evaluation", finetune_main, DetrConfig, CONFIG, out, recipe,
+                  lambda: metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs,
+                  seconds, inputs=() if smoke else (resolve_weights_file(backbone),), restart="--smoke" if smoke else None)
     return json.loads(metrics_file.read_text())
 
 

@@ -42,7 +42,7 @@ from pretrain.checkpoint import find_latest  # noqa: E402
 
 # benchmarks/, first on sys.path when run as a script
 from fmnist_steps import (MAE_CONFIG, StepSeconds, image_counts, prepare_shards, pretrain,  # noqa: E402
-                          pretrained_weights, recipe_changes, run)
+                          pretrained_weights, run_or_resume)
 
 FINETUNE_CONFIG = REPO / "configs/finetune_mae_tiny_fmnist.yaml"
 DISTILL_CONFIG = REPO / "configs/distill_vit_tiny_fmnist.yaml"
@@ -59,16 +59,10 @@ def finetune(step: str, config: Path, out: Path, overrides: list[str], epochs: i
     a pretrained encoder) were written, starts over: a rerun saves to the same step folder when its epochs are
     unchanged, so the path alone cannot tell."""
     metrics_file = out / "metrics.json"
-    overrides = [f"output_dir={out}", f"train.epochs={epochs}", *overrides]
-    changed = recipe_changes(out, FinetuneConfig, config, overrides, inputs=inputs)
-    if changed:
-        print(f"\n== {step}: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
-    elif metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs:
-        print(f"\n== {step}: done earlier ({metrics_file})")
-        return json.loads(metrics_file.read_text())
-    resume = not changed and find_latest(out / "checkpoints") is not None
-    argv = ["--config", str(config), *overrides, "train.resume=latest" if resume else "train.overwrite=true"]
-    seconds.record(step, run(step, finetune_main, argv), resumed=resume)
+    run_or_resume(step, finetune_main, FinetuneConfig, config, out,
+                  [f"output_dir={out}", f"train.epochs={epochs}", *overrides],
+                  lambda: metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs,
+                  seconds, inputs=inputs)
     return json.loads(metrics_file.read_text())
 
 

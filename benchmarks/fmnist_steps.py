@@ -1,12 +1,14 @@
 """Steps the Fashion-MNIST benchmarks share (linear_probe.py, clip_zeroshot.py, finetune_fmnist.py, swin_fmnist.py,
 detr_fmnist.py): run one entry point with its argv, timed; keep the steps' wall times across invocations; write the
-common 54,000 / 6,000 split once; run (resume, skip) a masked-image pretraining run."""
+common 54,000 / 6,000 split once; run, resume or skip a training run (run_or_resume: every benchmark's one road),
+a masked-image pretraining run among them."""
 from __future__ import annotations
 
 import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -62,21 +64,31 @@ def _differing(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def pretrain(step: str, config: Path, out: Path, overrides: list[str], seconds: StepSeconds) -> dict:
-    """Run (or resume, or skip once its reconstructions.png exists) one masked-image `python -m pretrain` run of
-    `config` (MAE, UM-MAE, SimMIM) into `out`; its steps, final loss and k-NN monitor from log.jsonl. A run that
-    `out` holds from another recipe (its config.yaml differs) starts over; an interrupted one resumes from its latest
-    checkpoint."""
-    overrides = [f"output_dir={out}", *overrides]
-    changed = recipe_changes(out, MAEPretrainConfig, config, overrides)
-    if changed:
+def run_or_resume(step: str, main, schema: type, config: Path, out: Path, overrides: list[str],
+                  finished: Callable[[], bool], seconds: StepSeconds, inputs: tuple[Path, ...] = (),
+                  restart: str | None = None) -> None:
+    """Run `main` (`python -m pretrain|finetune`) on `config` with the `key=value` `overrides` (`output_dir=out`
+    among them) unless `out` holds this recipe's run and `finished()` says it ended; resume an interrupted one from
+    its latest checkpoint. A run of another recipe, or begun before the weights it reads (`inputs`) were written
+    (recipe_changes), starts over, as does any run when `restart` names a reason (a smoke run). Its seconds go to
+    `seconds` under `step`."""
+    changed = [restart] if restart else recipe_changes(out, schema, config, overrides, inputs=inputs)
+    if changed and (out / "config.yaml").is_file():
         print(f"\n== {step}: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
-    if not changed and (out / "reconstructions.png").is_file():  # written when the run ends
+    elif not changed and finished():
         print(f"\n== {step}: done earlier ({out})")
-    else:
-        resume = not changed and find_latest(out / "checkpoints") is not None
-        argv = ["--config", str(config), *overrides, "train.resume=latest" if resume else "train.overwrite=true"]
-        seconds.record(step, run(step, pretrain_main, argv), resumed=resume)
+        return
+    resume = not changed and find_latest(out / "checkpoints") is not None
+    argv = ["--config", str(config), *overrides, "train.resume=latest" if resume else "train.overwrite=true"]
+    seconds.record(step, run(step, main, argv), resumed=resume)
+
+
+def pretrain(step: str, config: Path, out: Path, overrides: list[str], seconds: StepSeconds) -> dict:
+    """Run, resume or skip (once its reconstructions.png, written when it ends, exists) one masked-image
+    `python -m pretrain` run of `config` (MAE, UM-MAE, SimMIM) into `out`; its steps, final loss and k-NN monitor
+    from log.jsonl."""
+    run_or_resume(step, pretrain_main, MAEPretrainConfig, config, out, [f"output_dir={out}", *overrides],
+                  lambda: (out / "reconstructions.png").is_file(), seconds)
     return pretraining_summary(out)
 
 

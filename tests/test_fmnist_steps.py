@@ -10,6 +10,14 @@ import pytest
 from benchmark_helpers import load_benchmark
 
 fmnist_steps = load_benchmark("fmnist_steps")
+
+
+def steps_of(benchmark):
+    """The fmnist_steps module `benchmark` imported (load_benchmark loads a fresh one each time): the one whose
+    `run` its run_or_resume calls."""
+    import sys
+
+    return sys.modules[benchmark.run_or_resume.__module__]
 StepSeconds = fmnist_steps.StepSeconds
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +128,7 @@ def test_a_student_taught_by_a_teacher_retrained_since_starts_over(tmp_path, mon
         calls.append(argv)
         (out / "metrics.json").write_text(json.dumps({"top1": 76.0, "epochs": 3}))
         return 1.0
-    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(steps_of(bench), "run", fake_run)
     seconds = fmnist_steps.StepSeconds(tmp_path / "seconds.json")
 
     def student():
@@ -198,7 +206,7 @@ def test_clip_benchmark_starts_its_image_tower_from_the_mae_and_trains_again_for
         export.parent.mkdir(exist_ok=True)
         export.write_bytes(b"")
         return 1.0
-    monkeypatch.setattr(clip, "run", fake_run)
+    monkeypatch.setattr(steps_of(clip), "run", fake_run)
     seconds = fmnist_steps.StepSeconds(tmp_path / "seconds.json")
     recipe = yaml.safe_load(clip.CLIP_CONFIG.read_text())
     recipe["model"].pop("image_tower_checkpoint", None)
@@ -247,7 +255,7 @@ def test_detr_benchmark_trains_again_for_another_recipe_or_a_newer_backbone_and_
         save_config(cfg, out / "config.yaml")
         (out / "metrics.json").write_text(json.dumps({"epochs": cfg.train.epochs}))
         return 1.0
-    monkeypatch.setattr(detr, "run", fake_run)
+    monkeypatch.setattr(steps_of(detr), "run", fake_run)
     seconds = fmnist_steps.StepSeconds(tmp_path / "seconds.json")
 
     detr.train_detr(work, backbone, seconds, [])
@@ -266,6 +274,6 @@ def test_detr_benchmark_trains_again_for_another_recipe_or_a_newer_backbone_and_
 
     (out / "metrics.json").write_text(json.dumps({"epochs": 2}))  # stopped after 2 epochs, a checkpoint kept
     (out / "checkpoints" / "step_00000500").mkdir(parents=True)
-    monkeypatch.setattr(detr, "find_latest", lambda root: root / "step_00000500" if root == out / "checkpoints" else None)
+    monkeypatch.setattr(steps_of(detr), "find_latest", lambda root: root / "step_00000500" if root == out / "checkpoints" else None)
     detr.train_detr(work, backbone, seconds, ["lr_drop=5"])
     assert len(calls) == 4 and "train.resume=latest" in calls[3]
