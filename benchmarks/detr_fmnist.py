@@ -187,7 +187,7 @@ def train_detr(work: Path, backbone: Path, seconds: StepSeconds, overrides: list
     epochs = load_config(DetrConfig, CONFIG, recipe).train.epochs
     run_or_resume("DETR training + evaluation", finetune_main, DetrConfig, CONFIG, out, recipe,
                   lambda: metrics_file.is_file() and json.loads(metrics_file.read_text()).get("epochs") == epochs,
-                  seconds, inputs=() if smoke else (resolve_weights_file(backbone),), restart="--smoke" if smoke else None)
+                  seconds, inputs=() if smoke else (resolve_weights_file(backbone),), restart="an earlier smoke run" if smoke else None)
     return json.loads(metrics_file.read_text())
 
 

@@ -74,7 +74,8 @@ def run_or_resume(step: str, main, schema: type, config: Path, out: Path, overri
     `seconds` under `step`."""
     changed = [restart] if restart else recipe_changes(out, schema, config, overrides, inputs=inputs)
     if changed and (out / "config.yaml").is_file():
-        print(f"\n== {step}: {out} holds a run of another recipe ({', '.join(changed)}): starting over")
+        why = restart or f"a run of another recipe ({', '.join(changed)})"
+        print(f"\n== {step}: {out} holds {why}: starting over")
     elif not changed and finished():
         print(f"\n== {step}: done earlier ({out})")
         return
