@@ -17,6 +17,9 @@ def test_train_rate_rows_and_json(tmp_path, capsys, micro_model, tiny_shards):
     rows = {row["row"]: row for row in result["rows"]}
     assert set(rows) == {"step only (batches in memory)", "end to end, 0 workers"}
     assert rows["step only (batches in memory)"]["vs_step_only"] == 1.0
+    assert rows["step only (batches in memory)"]["vs_step_only_median"] == 1.0
+    end_to_end = rows["end to end, 0 workers"]  # one round: its paired ratio is the ratio of the bests
+    assert end_to_end["vs_step_only_median"] == pytest.approx(end_to_end["vs_step_only"])
     assert all(row["images_per_s"] > 0 for row in rows.values())
     assert json.loads((tmp_path / "rate.json").read_text()) == result
     assert "| end to end, 0 workers |" in capsys.readouterr().out
