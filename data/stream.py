@@ -38,8 +38,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import tarfile_samples
 
 from .errors import DataError
 from .guard import SkipGuard
@@ -51,6 +49,7 @@ from .shards import (
     describe_read_error,
     expand_sources,
     kind_of_fields,
+    read_tar_samples,
     shard_sizes,
     tar_cut_short,
     wrong_kind,
@@ -181,7 +180,7 @@ class ShardStream(IterableDataset):
         share: this slot keeps 1/share of the samples read (evaluation with fewer shards than slots)."""
         read = 0
         try:
-            for sample in tarfile_samples([{"url": shard}], handler=reraise_exception):
+            for sample in read_tar_samples(shard):
                 read += 1
                 yield sample
             problem = tar_cut_short(shard)
@@ -293,12 +292,8 @@ class ShardStream(IterableDataset):
     def _prepare(self, raw: dict, sample_seed: int) -> dict:
         # Augmentation randomness is a function of the sample's position, not of what ran before it.
         # Only the CPU generator: torch.manual_seed would also seed every accelerator (~0.25 ms a sample).
-        if get_worker_info() is not None:
-            torch.default_generator.manual_seed(sample_seed)
-            return self.kind.prepare(raw, self.transform)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone in the main process
-            torch.default_generator.manual_seed(sample_seed)
-            return self.kind.prepare(raw, self.transform)
+        torch.default_generator.manual_seed(sample_seed)
+        return self.kind.prepare(raw, self.transform)
 
     # -------------------------------------------------------------------------------- batches
 
@@ -315,6 +310,17 @@ class ShardStream(IterableDataset):
             self.max_skip_rate, self.skip_guard_min_samples,
             where=f"reading slot {slot} of {num_slots} (rank {self.rank}) from {len(self.shards)} shard(s) "
                   f"starting with {self.shards[0]}"))
+        # In the training process (0 workers) the caller's RNG is set aside while samples are prepared, and given
+        # back before each batch goes out: its stream is the same as if no sample had been prepared.
+        callers_rng = _CallersRNG(active=info is None)
+        try:
+            callers_rng.set_aside()
+            yield from callers_rng.around_batches(self._batches(slot, num_slots, samples_to_skip, counts))
+        finally:
+            callers_rng.give_back()
+
+    def _batches(self, slot: int, num_slots: int, samples_to_skip: int, counts: _SkipCounts) -> Iterator[dict]:
+        """This slot's batches, after the `samples_to_skip` raw samples that batches before a resume consumed."""
         items = []
         current_pass, usable_in_pass = 0, False
         for index, (pass_index, raw) in enumerate(self._raw_stream(slot, num_slots, counts)):
@@ -363,6 +369,29 @@ class ShardStream(IterableDataset):
         batch = {**self.kind.collate(items), "skipped": dict(counts.batch)}
         counts.batch.clear()  # the next batch reports what was dropped after this one
         return batch
+
+
+class _CallersRNG:
+    """The caller's CPU RNG state, set aside while a stream in the caller's process reseeds the generator for each
+    sample: saved and restored once a batch rather than once a sample (torch.random.fork_rng costs ~10 us)."""
+
+    def __init__(self, active: bool):
+        self.active, self.saved = active, None
+
+    def set_aside(self) -> None:
+        if self.active:
+            self.saved = torch.get_rng_state()
+
+    def give_back(self) -> None:
+        if self.saved is not None:
+            torch.set_rng_state(self.saved)
+            self.saved = None
+
+    def around_batches(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self.give_back()
+            yield batch
+            self.set_aside()
 
 
 class _SkipCounts:

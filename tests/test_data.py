@@ -375,6 +375,20 @@ def test_main_process_stream_leaves_caller_rng_alone(tmp_path):
     second = [batch for batch, _ in zip(stream, range(2))]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, second))
 
+    def fail_on_the_third(image):  # an error while a batch is being prepared: the caller's RNG is still given back
+        fail_on_the_third.calls += 1
+        if fail_on_the_third.calls == 3:
+            raise RuntimeError("a bug in a transform")
+        return transform(image)
+
+    transform, fail_on_the_third.calls = mae_train_transform(8), 0
+    failing = ShardStream(expand_shards(out), fail_on_the_third, batch_size=4, train=True)
+    torch.manual_seed(9)
+    state = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="a bug in a transform"):
+        next(iter(failing))
+    assert torch.equal(torch.get_rng_state(), state)
+
 
 def test_stream_skips_truncated_tar_and_bad_samples(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
 
 from data import (
     OPENAI_CLIP_MEAN,
@@ -34,6 +35,7 @@ from data import (
     write_pair_shards,
 )
 from data.images import SampleSkipped
+from data.transforms import RandomResizedCropNormalize, ToNormalizedTensor, ToRGB
 from data.samples import open_image
 
 from stream_helpers import as_uint8_tensor, collect, keys_of, total_skipped
@@ -217,6 +219,30 @@ def test_mae_transform_gives_nearly_the_same_pixels_from_a_tensor_as_from_pil():
     from_tensor = transform(torch.from_numpy(np.array(image)).permute(2, 0, 1))
     assert from_tensor.shape == from_pil.shape == (3, 32, 32) and from_tensor.is_contiguous()
     assert (from_tensor - from_pil).abs().max() <= 1 / 255 + 1e-6  # same crop; resize within one grey level
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_crop_transform_equals_the_v2_compose_it_replaces(flip):
+    rng = np.random.default_rng(2)
+    rgb = torch.from_numpy(rng.integers(0, 256, size=(3, 28, 36), dtype=np.uint8))
+    grey = torch.from_numpy(rng.integers(0, 256, size=(1, 28, 28), dtype=np.uint8))
+    pil = Image.fromarray(rng.integers(0, 256, size=(40, 30), dtype=np.uint8))  # mode L
+    mean, std = (0.2, 0.3, 0.4), (0.5, 0.6, 0.7)
+    reference = v2.Compose([
+        ToRGB(),
+        v2.RandomResizedCrop(16, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        *([v2.RandomHorizontalFlip()] if flip else []),
+        ToNormalizedTensor(mean, std),
+    ])
+    ours = RandomResizedCropNormalize(16, (0.2, 1.0), mean, std, flip=flip)
+    for image in (rgb, grey, pil):
+        for seed in range(40):
+            torch.manual_seed(seed)
+            expected, next_draw_expected = reference(image), torch.rand(1)
+            torch.manual_seed(seed)
+            got, next_draw = ours(image), torch.rand(1)
+            assert torch.equal(got, expected), (type(image), seed)  # the same pixels
+            assert torch.equal(next_draw, next_draw_expected)  # from the same draws
 
 
 def test_decode_size_uses_jpeg_draft_mode_and_keeps_detection_boxes_right(tmp_path):
