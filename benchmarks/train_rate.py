@@ -11,8 +11,10 @@ first half, with its warm-up and the workers' start, is not counted):
 - "end to end, N workers": the batches come from the shards through the config's transform, `data.num_workers=N`
   DataLoader worker processes (0: decoded in the training process, between steps).
 
-Rows alternate over `--rounds` rounds; the best round of each row is kept (the machine is shared), and each
-round's end to end / step only ratio (a paired figure: the two ran minutes apart) gives a median over the rounds.
+A last figure, "the data path alone", times the training stream read in this process with no step (what 0
+workers add to each step). Rows alternate over `--rounds` rounds; the best round of each row is kept (the machine
+is shared), and each round's end to end / step only ratio (a paired figure: the two ran minutes apart) gives a
+median over the rounds.
 The figure to read is end to end / step only (issue 18: >= 0.9 for the demo's tiny ViT on 2 cores).
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +68,22 @@ def measure(config: str, root: Path, steps: int, workers: int | None, overrides:
     return float(records[-1]["images_per_s"])
 
 
+def measure_data_only(config: str, root: Path, steps: int, overrides: list[str]) -> float:
+    """images/s of the training stream alone, read in this process (0 workers) with no step: `steps // 2` batches
+    timed after two. What 0 workers add to every step is the step's batch size over this rate."""
+    cfg = run_config(config, root / "data_only", steps, 0, overrides)
+    run = setup_run(cfg)
+    transform = mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean,
+                                    std=cfg.data.std)
+    batches = iter(training_loader_factory(run.train_shards, transform, cfg.data, cfg.train)(0, 0, 1))
+    for _ in range(2):
+        next(batches)
+    timed = max(1, steps // 2)
+    start = time.perf_counter()
+    images = sum(len(next(batches)["image"]) for _ in range(timed))
+    return images / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "mae_vit_tiny_demo.yaml"))
@@ -80,12 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="train_rate_"))
     rows: dict[str, list[float]] = {}
+    data_only: list[float] = []
     try:
         for _ in range(args.rounds):
             for workers in [None, *args.workers]:
                 name = "step only (batches in memory)" if workers is None else f"end to end, {workers} workers"
                 rows.setdefault(name, []).append(measure(args.config, root, args.steps, workers, args.set))
                 _reset_accelerate()
+            data_only.append(measure_data_only(args.config, root, args.steps, args.set))
+            _reset_accelerate()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     step_rounds = rows["step only (batches in memory)"]
@@ -103,7 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
         table.append(dict(row=name, images_per_s=best, vs_step_only=best / step_only,
                           vs_step_only_median=paired, rounds=rates))
         print(f"| {name} | {best:.1f} | {best / step_only:.2f} | {paired:.2f} | {', '.join(f'{r:.1f}' for r in rates)} |")
-    result = {"config": args.config, "overrides": args.set, "steps": args.steps, "rows": table}
+    share = statistics.median(step / data for data, step in zip(data_only, step_rounds))
+    print(f"\nThe data path alone (0 workers, no step, {torch.get_num_threads()} threads): "
+          f"{', '.join(f'{r:.0f}' for r in data_only)} images/s, {1000 / max(data_only):.3f} ms an image; "
+          f"it adds {share:.1%} to the step's time when it runs in the training process (median of rounds)")
+    result = {"config": args.config, "overrides": args.set, "steps": args.steps, "rows": table,
+              "data_only_images_per_s": data_only, "data_only_vs_step_time": share}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

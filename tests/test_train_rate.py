@@ -22,4 +22,7 @@ def test_train_rate_rows_and_json(tmp_path, capsys, micro_model, tiny_shards):
     assert end_to_end["vs_step_only_median"] == pytest.approx(end_to_end["vs_step_only"])
     assert all(row["images_per_s"] > 0 for row in rows.values())
     assert json.loads((tmp_path / "rate.json").read_text()) == result
-    assert "| end to end, 0 workers |" in capsys.readouterr().out
+    assert len(result["data_only_images_per_s"]) == 1 and result["data_only_images_per_s"][0] > 0
+    assert result["data_only_vs_step_time"] > 0
+    out = capsys.readouterr().out
+    assert "| end to end, 0 workers |" in out and "The data path alone (0 workers, no step" in out
