@@ -13,6 +13,7 @@ count), the semantics of open_clip's ResampledShards2 and --train-data-upsamplin
 A directory that still holds the writer's INCOMPLETE marker was never finished: expanding a spec refuses it. What
 kind of samples shards hold (labelled, image-text, detection) is told by their stats.json (`check_kind`), and how
 many each holds by stats.json or a sizes.json (`shard_sizes`), so that a reader can count what a damaged shard lost.
+`read_tar_samples` reads one shard's samples (every reader's road to a tar file).
 """
 
 from __future__ import annotations
@@ -345,16 +346,16 @@ def _plain_tar_samples(shard: str) -> Iterator[dict]:
                 continue
             if kind not in _REGULAR_TYPES:  # pax headers, GNU long names, sparse files, ...
                 raise _NotPlainTar
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if kind == b"\0" and name.endswith("/"):  # tarfile: an old-style directory, no data blocks
+                continue
+            prefix = header[345:500].split(b"\0", 1)[0]  # ustar splits a long name into prefix/name
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
             data = file.read(size)
             if len(data) != size:
                 raise _NotPlainTar
             file.seek(-size % TAR_BLOCK, 1)
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = header[345:500].split(b"\0", 1)[0]  # ustar splits a long name into prefix/name
-            if prefix:
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            if kind == b"\0" and name.endswith("/"):  # tarfile: an old-style directory
-                continue
             if _META_FILE.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
                 continue
             match = _KEY_AND_SUFFIX.match(name)
