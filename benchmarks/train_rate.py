@@ -48,14 +48,17 @@ def run_config(config: str, out: Path, steps: int, workers: int, overrides: list
                                                  "logging.progress_bar=false", "train.overwrite=true"])
 
 
+def train_transform(cfg: MAEPretrainConfig):
+    return mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean, std=cfg.data.std)
+
+
 def measure(config: str, root: Path, steps: int, workers: int | None, overrides: list[str]) -> float:
     """images/s of the second half of `steps` steps; workers None: batches from memory."""
     out = root / ("memory" if workers is None else f"workers_{workers}")
     cfg = run_config(config, out, steps, 0 if workers is None else workers, overrides)
     run = setup_run(cfg)
     model = build_model(cfg)
-    transform = mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean,
-                                    std=cfg.data.std)
+    transform = train_transform(cfg)
     make_loader = None
     if workers is None:
         stream = training_loader_factory(run.train_shards, transform, cfg.data, cfg.train)(0, 0, 1)
@@ -73,8 +76,7 @@ def measure_data_only(config: str, root: Path, steps: int, overrides: list[str])
     timed after two. What 0 workers add to every step is the step's batch size over this rate."""
     cfg = run_config(config, root / "data_only", steps, 0, overrides)
     run = setup_run(cfg)
-    transform = mae_train_transform(cfg.data.image_size, scale=cfg.data.crop_scale, mean=cfg.data.mean,
-                                    std=cfg.data.std)
+    transform = train_transform(cfg)
     batches = iter(training_loader_factory(run.train_shards, transform, cfg.data, cfg.train)(0, 0, 1))
     for _ in range(2):
         next(batches)
