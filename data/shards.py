@@ -331,7 +331,7 @@ def _plain_tar_samples(shard: str) -> Iterator[dict]:
     """webdataset's grouping of a plain ustar file's regular members into samples; raises _NotPlainTar (before
     giving the sample concerned) at the first thing it does not read exactly as tarfile + webdataset would."""
     sample: dict | None = None
-    with open(shard, "rb") as file:
+    with open(shard, "rb", buffering=1 << 20) as file:  # large sequential reads suit network file systems
         while True:
             header = file.read(TAR_BLOCK)
             if len(header) != TAR_BLOCK or header[257:262] != b"ustar":
