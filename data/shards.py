@@ -26,7 +26,7 @@ from pathlib import Path
 
 import braceexpand
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import base_plus_ext, tarfile_samples
 
 from .errors import DataError
 from .writer import INCOMPLETE_FILE, SIZES_FILE, STATS_FILE
@@ -312,7 +312,6 @@ class _NotPlainTar(Exception):
 
 
 _META_FILE = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: "__key__"-like names are not sample files
-_KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _REGULAR_TYPES = (b"0", b"\0", b"7")
 _DATALESS_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: no data blocks
 
@@ -358,10 +357,10 @@ def _plain_tar_samples(shard: str) -> Iterator[dict]:
             file.seek(-size % TAR_BLOCK, 1)
             if _META_FILE.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
                 continue
-            match = _KEY_AND_SUFFIX.match(name)
-            if match is None:
+            key, suffix = base_plus_ext(name)  # webdataset's own split into sample key and file suffix
+            if key is None:
                 continue
-            key, suffix = match.group(1), match.group(2).lower()
+            suffix = suffix.lower()
             if sample is None or key != sample["__key__"]:
                 if sample is not None:
                     yield sample
