@@ -340,7 +340,7 @@ class ShardStream(IterableDataset):
                 items.append(self._prepare(raw, derive_seed(self.seed, pass_index, slot, index)))
             except SampleSkipped as skip:
                 logger.debug("sample %s in %s skipped: %s", raw.get("__key__"), raw.get("__url__"), skip)
-                counts.skip(skip.reason, example=lambda: self._explain(raw, skip))
+                counts.skip(skip.reason, example=lambda raw=raw, skip=skip: self._explain(raw, skip))
                 continue
             counts.keep()
             usable_in_pass = True
