@@ -28,9 +28,9 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from ..checkpoint import read_weights, state_dict_mismatch
+from .pixel_patches import init_linear_and_layernorm, patch_targets, patchify, pred_to_pixels, unpatchify
 from .pos_embed import sincos_pos_embed_2d
 
-NORM_PIX_EPS = 1e-6  # added to the per-patch variance of the target, as in MAE
 _ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
@@ -118,29 +118,18 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         if self.encoder_mask_tokens:
             nn.init.normal_(self.encoder_mask_token, std=0.02)
-        self.apply(_init_linear_and_layernorm)
+        self.apply(init_linear_and_layernorm)
 
     # --- Patches <-> images ---
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W] -> patches: [N, L, p*p*C], pixels ordered (row, column, channel) within a patch
         as in MAE, so that ``decoder_pred`` weights from the official release mean the same thing."""
-        p = self.patch_size
-        n, c, h, w = imgs.shape
-        if h % p or w % p or c != self.in_chans:
-            raise ValueError(f"patchify: images of shape {tuple(imgs.shape)} do not fit {c} x (k*{p}) x (k*{p})")
-        x = imgs.reshape(n, c, h // p, p, w // p, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(n, (h // p) * (w // p), p * p * c)
+        return patchify(imgs, self.patch_size, self.in_chans)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """patches: [N, L, p*p*C] -> imgs: [N, C, H, W], the inverse of ``patchify`` on the model's patch grid."""
-        p, c = self.patch_size, self.in_chans
-        grid_h, grid_w = self.patch_embed.grid_size
-        n = patches.shape[0]
-        x = patches.reshape(n, grid_h, grid_w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(n, c, grid_h * p, grid_w * p)
+        return unpatchify(patches, self.patch_size, self.in_chans, *self.patch_embed.grid_size)
 
     # --- Masking ---
 
@@ -215,22 +204,12 @@ class MaskedAutoencoderViT(nn.Module):
     def patch_targets(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W] -> reconstruction targets [N, L, p*p*C]: the patch pixels, normalised per patch to
         zero mean and unit variance when ``norm_pix_loss`` (MAE's better-representation variant)."""
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
-        return target
+        return patch_targets(self.patchify(imgs), self.norm_pix_loss)
 
     def pred_to_pixels(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
         """Undo the per-patch target normalisation for display: pred [N, L, p*p*C] -> pixel patches [N, L, p*p*C],
         pred * sqrt(var + eps) + mean with the statistics of each target patch of ``imgs``."""
-        if not self.norm_pix_loss:
-            return pred
-        target = self.patchify(imgs)
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        return pred * (var + NORM_PIX_EPS) ** 0.5 + mean
+        return pred_to_pixels(pred, self.patchify(imgs), self.norm_pix_loss)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W], pred: [N, L, p*p*C], mask: [N, L] (1 = masked) -> scalar loss: the per-patch mean
@@ -290,15 +269,6 @@ def _check_mask_ratio(mask_ratio: float) -> None:
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
 
-
-def _init_linear_and_layernorm(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def load_official_mae_checkpoint(

@@ -38,17 +38,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from .pixel_patches import patch_targets, patchify, pred_to_pixels, unpatchify
 from .swin_mae import (
     init_swin_weights,
     SWIN_ENCODER_PREFIXES,
     check_swin_sizes,
-    patch_targets,
-    patchify,
-    pred_to_pixels,
     relative_position_tables,
     swin_encoder,
     timm_swin_kwargs,
-    unpatchify,
 )
 
 

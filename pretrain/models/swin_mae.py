@@ -62,9 +62,9 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage, WindowAttention
 from timm.models.vision_transformer import Block
 
+from .pixel_patches import init_linear_and_layernorm, patch_targets, patchify, pred_to_pixels, unpatchify
 from .pos_embed import sincos_pos_embed_2d
 
-NORM_PIX_EPS = 1e-6  # added to the per-patch variance of the target, as in MAE
 UM_MASK_RATIO = 0.75  # one kept patch in every 2x2 block
 SWIN_ENCODER_PREFIXES = ("patch_embed.", "layers.", "norm.")  # timm SwinTransformer's names, head excluded
 
@@ -431,52 +431,6 @@ def init_swin_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-def init_linear_and_layernorm(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def patchify(imgs: torch.Tensor, p: int, in_chans: int) -> torch.Tensor:
-    """imgs: [N, C, H, W] -> [N, (H/p)*(W/p), p*p*C], pixels in (row, column, channel) order as in MAE."""
-    n, c, h, w = imgs.shape
-    if h % p or w % p or c != in_chans:
-        raise ValueError(f"patchify: images of shape {tuple(imgs.shape)} do not fit {in_chans} x (k*{p}) x (k*{p})")
-    x = imgs.reshape(n, c, h // p, p, w // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(n, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: torch.Tensor, p: int, in_chans: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """[N, grid_h*grid_w, p*p*C] -> imgs [N, C, grid_h*p, grid_w*p]."""
-    n = patches.shape[0]
-    x = patches.reshape(n, grid_h, grid_w, p, p, in_chans)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(n, in_chans, grid_h * p, grid_w * p)
-
-
-def patch_targets(patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
-    """Pixel patches [N, L, P] -> targets: normalised per patch to zero mean, unit variance when ``norm_pix``."""
-    if not norm_pix:
-        return patches
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + NORM_PIX_EPS) ** 0.5
-
-
-def pred_to_pixels(pred: torch.Tensor, patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
-    """Inverse of ``patch_targets`` with the statistics of the image's own ``patches``."""
-    if not norm_pix:
-        return pred
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return pred * (var + NORM_PIX_EPS) ** 0.5 + mean
 
 
 # ----------------------------------------------------------------------------------------------------------------
