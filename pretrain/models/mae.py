@@ -270,7 +270,6 @@ def _check_mask_ratio(mask_ratio: float) -> None:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
 
 
-
 def load_official_mae_checkpoint(
     model: MaskedAutoencoderViT, path_or_state_dict: str | Path | Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
