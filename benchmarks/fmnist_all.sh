@@ -24,4 +24,4 @@ OMP_NUM_THREADS=1 "$PY" benchmarks/detr_fmnist.py --fashion-mnist "$FMNIST" --js
 wait "$clip"  # its exit status: a failed CLIP row stops the script here (set -e)
 # Swin last: UM-MAE and SimMIM pretraining plus three finetuning runs (about 65 min on 2 AVX512-BF16 EPYC cores)
 "$PY" benchmarks/swin_fmnist.py --fashion-mnist "$FMNIST" --json docs/results/swin.json
-"$PY" benchmarks/results_chart.py docs/results/*.json --out docs/results/fashion_mnist.png
+"$PY" benchmarks/results_chart.py docs/results/{finetune,probe,clip,detr,swin}.json --out docs/results/fashion_mnist.png

@@ -24,7 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .captions import captioned_pairs
+from .captions import CAPTION_RECIPE, captioned_pairs
 from .detection import read_coco, write_detection_shards
 from .embedded import read_embedded
 from .errors import DataError
@@ -108,7 +108,7 @@ def _write(args, options: ShardOptions) -> list[WrittenShards]:
         if inside is not None:  # --overwrite would delete the shards being read
             raise DataError(f"--out {args.out} holds the input shard {inside}: write the pairs elsewhere")
         pairs = captioned_pairs(shards, read_class_names(shards), seed=args.seed)
-        return write_pair_shards(pairs, args.out, **every_kind)
+        return write_pair_shards(pairs, args.out, metadata={"captions": CAPTION_RECIPE}, **every_kind)
     if args.command == "coco":
         categories, images = read_coco(args.annotations, args.images)
         return write_detection_shards(images, args.out, categories, **every_kind)

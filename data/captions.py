@@ -1,8 +1,10 @@
-"""Image-text pairs from a labelled data set: captions written from the class names, in varied natural phrasings.
+"""Image-text pairs from a labelled data set: captions written from the class names, in varied natural phrasings,
+with words that are true of each image (how much of the frame the item fills, its shade, its texture).
 
 This is how a small CLIP can be trained on a classification data set (Fashion-MNIST here) and then evaluated
 zero-shot with prompts it never saw: the captions below avoid the "a photo of a {}" family of OpenAI's templates,
-and name each class with a few everyday nouns ("tee", "jumper", "trainers") rather than only its label.
+and name each class with a few everyday nouns ("tee", "jumper", "trainers") rather than only its label
+("A small dark open sandal for sale", "This jumper is bright and patterned").
 
     python -m data captions --shards shards/fmnist/train --out shards/fmnist_pairs
 """
@@ -12,9 +14,12 @@ import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .errors import DataError
+from .images import decode_image, eight_bit
 from .pairs import ImageTextPair
 from .sources import IMAGE_EXTENSIONS
 
@@ -32,38 +37,93 @@ CLASS_NOUNS: dict[str, tuple[str, ...]] = {
     "Ankle boot": ("ankle boot", "short boot", "leather ankle boot", "heeled ankle boot"),
 }
 
-ADJECTIVES = ("grey", "dark", "light", "plain", "simple", "classic", "worn", "casual", "new", "old")
+# What stats.json records of pair shards written here ("captions"), so that shards of an older caption recipe are
+# rewritten rather than reused (the embedded demo's pairs, benchmarks/clip_zeroshot.py).
+CAPTION_RECIPE = "class nouns with the image's size, shade and texture words"
 
-# No "photo of", "picture of", "rendering of"...: those phrasings are kept for the zero-shot prompts.
+# Words that are true of the image as seen, so that the text tower learns them (CLIP's templates use such words:
+# "a dark photo of the {}", "a photo of a small {}"): random adjectives taught it to ignore every word but the noun,
+# so every prompt template of a class gave the same embedding and a template ensemble had nothing to average out.
+# The thresholds split Fashion-MNIST's training images into rough thirds (shade) and quarters (size, texture).
+SHADE_WORDS = ((0.56, "dark"), (0.72, "grey"), (float("inf"), "bright"))  # mean grey level of the item's pixels
+SMALL_FILL, LARGE_FILL = 0.33, 0.575  # share of the frame the item covers
+PLAIN_TEXTURE, PATTERNED_TEXTURE = 0.085, 0.13  # mean step between neighbouring item pixels
+FOREGROUND_STEP = 0.1  # a pixel this far from the background's grey level (the border's median) is the item's
+ATTRIBUTE_SIDE = 64  # larger images are judged on a copy this size (texture is a step between neighbouring pixels)
+
+# Each phrasing names the class noun; {adj} takes one or two of the image's attribute words (an image without any
+# gets one of PHRASINGS_WITHOUT_ATTRIBUTES). No "photo of", "picture of", "rendering of"...: those phrasings are kept
+# for the zero-shot prompts.
 CAPTION_PHRASINGS = (
-    "{a} {noun}",
     "{a} {adj} {noun}",
-    "{a} {noun} on a plain background",
+    "{a} {adj} {noun} on an empty background",
     "{a} {adj} {noun}, seen from the front",
-    "product shot: {a} {noun}",
-    "{a} {noun} for sale",
+    "product shot: {a} {adj} {noun}",
+    "{a} {adj} {noun} for sale",
     "my {adj} {noun}",
-    "close-up of {a} {noun}",
-    "{a} {noun} from a clothing catalogue",
+    "close-up of {a} {adj} {noun}",
+    "{a} {adj} {noun} from a clothing catalogue",
     "{a} {adj} {noun} lying flat",
-    "someone's {noun}",
+    "someone's {adj} {noun}",
     "this {noun} is {adj}",
 )
+PHRASINGS_WITHOUT_ATTRIBUTES = ("{a} {noun}", "{a} {noun} for sale", "product shot: {a} {noun}", "someone's {noun}")
+
+
+def visual_attributes(image: Image.Image) -> tuple[str, ...]:
+    """Words true of the item as it appears: its size in the frame ("small", "large"), its shade ("dark", "grey",
+    "bright") and texture ("plain", "patterned"), in English adjective order; () for an image with no item
+    (a blank frame). Items are told from a plain background, as in catalogue photos."""
+    image = eight_bit(image).convert("L")
+    if max(image.size) > ATTRIBUTE_SIDE:
+        image.thumbnail((ATTRIBUTE_SIDE, ATTRIBUTE_SIDE), Image.Resampling.BOX)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    item = np.abs(pixels - np.median(border)) > FOREGROUND_STEP
+    if not item.any():
+        return ()
+    words = []
+    fill = float(item.mean())
+    if fill < SMALL_FILL:
+        words.append("small")
+    elif fill > LARGE_FILL:
+        words.append("large")
+    shade = float(pixels[item].mean())
+    words.append(next(word for limit, word in SHADE_WORDS if shade < limit))
+    steps = [np.abs(np.diff(pixels, axis=axis))[item_pair] for axis, item_pair in
+             ((0, item[1:] & item[:-1]), (1, item[:, 1:] & item[:, :-1]))]
+    steps = np.concatenate(steps)
+    if steps.size:
+        texture = float(steps.mean())
+        if texture < PLAIN_TEXTURE:
+            words.append("plain")
+        elif texture > PATTERNED_TEXTURE:
+            words.append("patterned")
+    return tuple(words)
 
 
 def _with_article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def caption_for(class_name: str, rng: random.Random) -> str:
-    """One caption for an image of `class_name`, drawn from the phrasings, nouns and adjectives above."""
+def caption_for(class_name: str, rng: random.Random, attributes: Sequence[str] = ()) -> str:
+    """One caption for an image of `class_name` with these `visual_attributes`: a phrasing and an everyday noun
+    drawn at random, with one or two of the attributes (in their order)."""
     noun = rng.choice(CLASS_NOUNS.get(class_name, (class_name.lower(),)))
-    adjective = rng.choice(ADJECTIVES)
+    if not attributes:
+        phrasing = rng.choice(PHRASINGS_WITHOUT_ATTRIBUTES)
+        return _finish(phrasing.replace("{a} {noun}", _with_article(noun)).format(noun=noun))
     phrasing = rng.choice(CAPTION_PHRASINGS)
-    # "{a} {adj} {noun}" -> the article agrees with the word that follows it
-    following = f"{adjective} {noun}" if "{a} {adj}" in phrasing else noun
-    text = phrasing.replace("{a} {adj} {noun}", _with_article(following)).replace("{a} {noun}", _with_article(noun))
-    text = text.format(adj=adjective, noun=noun)
+    chosen = sorted(rng.sample(range(len(attributes)), k=min(len(attributes), rng.choice((1, 2)))))
+    words = [attributes[i] for i in chosen]
+    if phrasing.endswith("is {adj}"):
+        return _finish(phrasing.format(noun=noun, adj=" and ".join(words)))
+    described = " ".join(words + [noun])
+    return _finish(phrasing.replace("{a} {adj} {noun}", _with_article(described)).format(adj=" ".join(words),
+                                                                                           noun=noun))
+
+
+def _finish(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
@@ -110,5 +170,10 @@ def captioned_pairs(shards: Sequence[str], class_names: Sequence[str], seed: int
             yield ImageTextPair(key=key, image_path=Path(key), caption=None, source=f"{key} in {shard}",
                                 problem=problem)
             continue
-        yield ImageTextPair(key=key, image_path=Path(f"{key}.{ext}"), caption=caption_for(class_names[label], rng),
+        try:
+            attributes = visual_attributes(decode_image(raw))
+        except Exception:  # PIL raises many types for bad data; the pair writer skips and counts the image
+            attributes = ()
+        yield ImageTextPair(key=key, image_path=Path(f"{key}.{ext}"),
+                            caption=caption_for(class_names[label], rng, attributes),
                             source=f"{key} (class {class_names[label]})", image_bytes=raw[ext])

@@ -86,13 +86,13 @@ def ensure_embedded_pair_shards(cache_dir, seed: int = 0) -> tuple[str, str]:
     """The embedded training images as image-text shards (`cache_dir/pairs/`, captions written from their labels
     by data.captions) and the labelled validation split (`cache_dir/val/`, for zero-shot evaluation); returns both
     directories. Idempotent like `ensure_embedded_shards`."""
-    from .captions import captioned_pairs
+    from .captions import CAPTION_RECIPE, captioned_pairs
     from .pairs import write_pair_shards
     from .shards import expand_shards
 
     train_dir, val_dir = ensure_embedded_shards(cache_dir)
     pairs_dir = Path(cache_dir) / "pairs"
-    made_from = {"captions_from": "embedded train split", "caption_seed": seed}
+    made_from = {"captions_from": "embedded train split", "caption_seed": seed, "captions": CAPTION_RECIPE}
     if not _written_with(pairs_dir, "made_from", made_from):
         with _exclusive_lock(Path(cache_dir) / ".write.lock"):
             if not _written_with(pairs_dir, "made_from", made_from):

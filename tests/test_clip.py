@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -76,15 +77,47 @@ def test_the_temperature_is_clamped_at_100_after_each_step(tiny_clip):
 
 def test_captions_are_varied_natural_and_never_use_the_prompt_phrasings():
     rng = random.Random(0)
-    captions = [caption_for("Ankle boot", rng) for _ in range(200)]
+    attributes = ("small", "dark", "patterned")
+    captions = [caption_for("Ankle boot", rng, attributes) for _ in range(200)]
     assert len(set(captions)) > 40
     assert all(any(noun in c.lower() for noun in CLASS_NOUNS["Ankle boot"]) for c in captions)
+    # every caption says one or two of the image's words, in their order, and none it does not have
+    for caption in captions:
+        said = [word for word in attributes if word in caption.lower().replace(",", " ").split()]
+        assert 1 <= len(said) <= 2 and not {"large", "bright", "grey", "plain"} & set(caption.lower().split())
+    assert {"Close-up of a small dark heeled ankle boot", "This ankle boot is dark and patterned"} & set(captions)
     assert not any("photo" in c.lower() or "picture" in c.lower() for c in captions)
     assert not any("a a" in c.lower() or " a ankle" in c.lower() or "a old" in c.lower() for c in captions)
     openai_prompts = {t("ankle boot").lower() for t in open_clip.OPENAI_IMAGENET_TEMPLATES}
     assert not openai_prompts & {c.lower() for c in captions}
-    assert caption_for("Zebra", random.Random(1)).lower().count("zebra") == 1  # unknown classes use their name
+    plain = {caption_for("Zebra", random.Random(seed)) for seed in range(20)}  # no attributes: no adjective
+    assert all(c.lower().count("zebra") == 1 for c in plain)  # unknown classes use their name
+    assert plain <= {"A zebra", "A zebra for sale", "Product shot: a zebra", "Someone's zebra"}
     assert len(CAPTION_PHRASINGS) >= 10
+
+
+def test_visual_attributes_say_what_the_image_shows():
+    from PIL import Image
+
+    from data.captions import visual_attributes
+
+    def item(side, grey, stripes=False):  # an item of side x side pixels on a black 28x28 frame
+        pixels = np.zeros((28, 28), np.uint8)
+        block = np.full((side, side), grey, np.uint8)
+        if stripes:
+            block[::2] = grey // 3
+        pixels[2:2 + side, 2:2 + side] = block
+        return Image.fromarray(pixels)
+
+    assert visual_attributes(item(10, 80)) == ("small", "dark", "plain")
+    assert visual_attributes(item(24, 230)) == ("large", "bright", "plain")
+    assert visual_attributes(item(18, 170, stripes=True))[-1] == "patterned"
+    assert visual_attributes(item(18, 170)) == ("grey", "plain")  # 41% of the frame: neither small nor large
+    white = Image.fromarray(np.where(np.asarray(item(10, 80)) > 0, 40, 255).astype(np.uint8))  # white background
+    assert visual_attributes(white) == ("small", "dark", "plain")
+    assert visual_attributes(Image.new("L", (28, 28), 255)) == ()  # a blank frame: nothing to describe
+    photo = item(10, 80).convert("RGB").resize((560, 560), Image.Resampling.NEAREST)  # judged on a 64-px copy
+    assert visual_attributes(photo) == ("small", "dark", "plain") and photo.size == (560, 560)
 
 
 def test_captions_command_turns_labelled_shards_into_pairs(tiny_shards, tmp_path):

@@ -158,7 +158,7 @@ def test_two_processes_count_each_templates_top1_as_one(two_template_run, clip_r
 
 
 def test_the_fashion_mnist_templates_file_holds_unseen_photo_prompts_with_one_slot_each():
-    from data.captions import CAPTION_PHRASINGS
+    from data.captions import CAPTION_PHRASINGS, PHRASINGS_WITHOUT_ATTRIBUTES
     from pretrain.clip_eval import prompt_templates
 
     path = REPO / "configs" / "fashion_mnist_templates.txt"
@@ -169,4 +169,4 @@ def test_the_fashion_mnist_templates_file_holds_unseen_photo_prompts_with_one_sl
     assert lines[0].startswith("#") and lines[1:] == templates  # one header comment, then a template a line
     # the "photo of" family, which no training caption uses: the prompts stay unseen
     assert all("photo" in template for template in templates)
-    assert not any("photo" in phrasing for phrasing in CAPTION_PHRASINGS)
+    assert not any("photo" in phrasing for phrasing in CAPTION_PHRASINGS + PHRASINGS_WITHOUT_ATTRIBUTES)
