@@ -10,11 +10,11 @@ Steps (each skipped when its output already exists, so an interrupted benchmark 
 1. `python -m data idx` writes 54,000 training / 6,000 held-out validation images as labelled shards (the split of
    benchmarks/linear_probe.py: the same --work-dir reuses them).
 2. `python -m data captions` turns the training shards into image-text shards (data/captions.py), and the
-   validation shards into held-out pairs (WORK/clip_pairs_val).
+   validation shards into held-out pairs (WORK/clip_pairs_val); pairs of an older caption recipe are written again.
 3. `python -m pretrain` trains CLIP (configs/clip_vit_tiny_fmnist.yaml) on the pairs; when the config starts the
    image tower from an MAE (`model.image_tower_checkpoint`), that is the benchmarks' Fashion-MNIST MAE (WORK/mae,
    configs/mae_vit_tiny_fmnist.yaml), pretrained first if need be. A CLIP run of another recipe, or begun before
-   the MAE was last written, starts over.
+   the MAE or the caption shards were last written, starts over.
 4. `python -m finetune` evaluates zero-shot on the validation shards, once per prompt set, and retrieval on the
    held-out pairs (every one of the 6,000 a candidate); the tables are printed.
 """

@@ -182,7 +182,8 @@ def test_detr_canvases_hold_out_the_items_every_other_benchmark_holds_out(tmp_pa
 
 def test_clip_benchmark_starts_its_image_tower_from_the_mae_and_trains_again_for_another_recipe(tmp_path, monkeypatch):
     """A CLIP config whose image tower starts from an MAE gets the benchmarks' MAE (pretrained first); a CLIP run of
-    another recipe, or begun before the MAE was last written, is trained again; a finished one is kept."""
+    another recipe, or begun before the MAE or the caption shards were last written, is trained again; a finished one
+    is kept."""
     import os
 
     import yaml
@@ -194,6 +195,9 @@ def test_clip_benchmark_starts_its_image_tower_from_the_mae_and_trains_again_for
     clip_dir = work / "clip"
     mae_weights = work / "mae" / "checkpoints" / "step_00000010"
     mae_weights.mkdir(parents=True)
+    pairs_stats = work / "clip_pairs" / "stats.json"  # what `python -m data captions` leaves with the pairs
+    pairs_stats.parent.mkdir()
+    pairs_stats.write_text("{}")
     pretrained, calls = [], []
     monkeypatch.setattr(clip, "pretrain", lambda step, config, out, overrides, seconds: pretrained.append(out))
     monkeypatch.setattr(clip, "pretrained_weights", lambda out: mae_weights)
@@ -229,6 +233,10 @@ def test_clip_benchmark_starts_its_image_tower_from_the_mae_and_trains_again_for
     os.utime(mae_weights, (later, later))  # the MAE pretrained again since
     clip.train_clip(work, clip_dir, None, seconds, config=from_mae)
     assert len(calls) == 3 and "train.overwrite=true" in calls[2]
+    later = (clip_dir / "config.yaml").stat().st_mtime + 60
+    os.utime(pairs_stats, (later, later))  # the captions written again since (another caption recipe)
+    clip.train_clip(work, clip_dir, None, seconds, config=from_mae)
+    assert len(calls) == 4 and "train.overwrite=true" in calls[3]
 
 
 def test_detr_benchmark_trains_again_for_another_recipe_or_a_newer_backbone_and_resumes_an_interrupted_run(
