@@ -19,7 +19,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .errors import DataError
-from .images import decode_image, eight_bit
+from .images import decode_image, statistics_copy
 from .pairs import ImageTextPair
 from .sources import IMAGE_EXTENSIONS
 
@@ -49,7 +49,6 @@ SHADE_WORDS = ((0.56, "dark"), (0.72, "grey"), (float("inf"), "bright"))  # mean
 SMALL_FILL, LARGE_FILL = 0.33, 0.575  # share of the frame the item covers
 PLAIN_TEXTURE, PATTERNED_TEXTURE = 0.085, 0.13  # mean step between neighbouring item pixels
 FOREGROUND_STEP = 0.1  # a pixel this far from the background's grey level (the border's median) is the item's
-ATTRIBUTE_SIDE = 64  # larger images are judged on a copy this size (texture is a step between neighbouring pixels)
 
 # Each phrasing names the class noun; {adj} takes one or two of the image's attribute words (an image without any
 # gets one of PHRASINGS_WITHOUT_ATTRIBUTES). No "photo of", "picture of", "rendering of"...: those phrasings are kept
@@ -74,10 +73,7 @@ def visual_attributes(image: Image.Image) -> tuple[str, ...]:
     """Words true of the item as it appears: its size in the frame ("small", "large"), its shade ("dark", "grey",
     "bright") and texture ("plain", "patterned"), in English adjective order; () for an image with no item
     (a blank frame). Items are told from a plain background, as in catalogue photos."""
-    image = eight_bit(image).convert("L")
-    if max(image.size) > ATTRIBUTE_SIDE:
-        image.thumbnail((ATTRIBUTE_SIDE, ATTRIBUTE_SIDE), Image.Resampling.BOX)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = np.asarray(statistics_copy(image, "L"), dtype=np.float32) / 255.0  # large images: a 64-px copy
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     item = np.abs(pixels - np.median(border)) > FOREGROUND_STEP
     if not item.any():

@@ -123,15 +123,20 @@ def encode_for_shard(image: Image.Image, image_bytes: bytes, ext: str,
 PIXEL_STATS_SIDE = 64  # pixel statistics are taken from a copy no larger than this: the same figures, far cheaper
 
 
+def statistics_copy(image: Image.Image, mode: str) -> Image.Image:
+    """An 8-bit copy of the image in `mode` ("RGB", "L"), shrunk to at most PIXEL_STATS_SIDE pixels a side, for
+    figures measured on its pixels (the caller's image is left as it was)."""
+    image = eight_bit(image).convert(mode)  # convert() returns a new image, even to the same mode
+    if max(image.size) > PIXEL_STATS_SIDE:
+        image.thumbnail((PIXEL_STATS_SIDE, PIXEL_STATS_SIDE), Image.Resampling.BOX)
+    return image
+
+
 def pixel_moments(image: Image.Image) -> tuple[list[float], list[float]]:
     """Per-channel mean and mean square (0..1 scale) of the image as readers see it (8-bit RGB), for the
     normalisation statistics stats.json records (`pixel_mean`, `pixel_std`). Each image counts once, whatever its
     size, as it does when training resizes every image to one size."""
-    image = eight_bit(image).convert("RGB")
-    if max(image.size) > PIXEL_STATS_SIDE:
-        image = image.copy()
-        image.thumbnail((PIXEL_STATS_SIDE, PIXEL_STATS_SIDE), Image.Resampling.BOX)
-    pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
+    pixels = np.asarray(statistics_copy(image, "RGB"), dtype=np.float64).reshape(-1, 3) / 255.0
     return pixels.mean(axis=0).tolist(), (pixels ** 2).mean(axis=0).tolist()
 
 
