@@ -1,7 +1,7 @@
 """End-to-end training rate against the step alone: does the data pipeline starve the step?
 
     python benchmarks/train_rate.py [--config configs/mae_vit_tiny_demo.yaml] [--steps 40] [--workers 0 1 2]
-                                    [--rounds 2] [--set key=value ...] [--json PATH]
+                                    [--rounds 2] [--compile] [--set key=value ...] [--json PATH]
 
 Every row runs the same loop (`pretrain.engine.Trainer`: the config's model, task, optimizer, schedule, logging)
 for `--steps` steps of the config's batch; images/s is the loop's own figure for the second half of the steps (the
@@ -9,7 +9,9 @@ first half, with its warm-up and the workers' start, is not counted):
 
 - "step only": the batches come from memory (decoded and augmented once, beforehand), so the rate is the step's;
 - "end to end, N workers": the batches come from the shards through the config's transform, `data.num_workers=N`
-  DataLoader worker processes (0: decoded in the training process, between steps).
+  DataLoader worker processes (0: decoded in the training process, between steps);
+- "step only, torch.compile" (`--compile`): the first row with `train.compile=true`; its first step compiles, so
+  give it enough `--steps` that the compiling falls in the uncounted first half.
 
 A last figure, "the data path alone", times the training stream read in this process with no step (what 0
 workers add to each step). Rows alternate over `--rounds` rounds; the best round of each row is kept (the machine
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also the step-only row under train.compile=true")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--json", help="also write the figures as JSON to this path")
     args = parser.parse_args(argv)
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
             for workers in [None, *args.workers]:
                 name = "step only (batches in memory)" if workers is None else f"end to end, {workers} workers"
                 rows.setdefault(name, []).append(measure(args.config, root, args.steps, workers, args.set))
+                _reset_accelerate()
+            if args.compile:
+                rows.setdefault("step only, torch.compile (train.compile)", []).append(
+                    measure(args.config, root, args.steps, None, [*args.set, "train.compile=true"]))
                 _reset_accelerate()
             data_only.append(measure_data_only(args.config, root, args.steps, args.set))
             _reset_accelerate()
