@@ -6,6 +6,8 @@ scikit-learn's LogisticRegression with the same C and the same standardisation, 
 
     python benchmarks/linear_probe.py --fashion-mnist ../shared/datasets/fashion-mnist --json runs/bench/probe.json
     python benchmarks/linear_probe.py --encoders pixels --skip-pretrain     # the raw-pixel rows only
+    python benchmarks/linear_probe.py --encoders mae --keep-rows --json docs/results/probe.json
+        # a new MAE's rows; the raw-pixel and random-init rows (which do not depend on it) kept from the --json file
 
 Steps (each skipped when its output already exists and is newer than what it reads, so an interrupted benchmark
 continues and a retrained MAE is exported and probed again; delete a folder to redo its step):
@@ -36,6 +38,7 @@ from fmnist_steps import (MAE_CONFIG, StepSeconds, pretrain, pretrained_weights,
                           run, write_split, written_after)
 from probe_lr import LRS, sweep_base_lr  # noqa: E402
 
+ENCODERS = ("mae", "random", "pixels")  # the feature extractors, in the order of the rows
 # the probes: (name, config, overrides) -- each reads the features of one export below
 PROBES = [
     ("MAE protocol (LARS)", "mae", REPO / "configs/linprobe_fmnist.yaml", []),
@@ -121,12 +124,20 @@ def main() -> None:
                         help="never train MAE here: without a finished WORK_DIR/mae, skip the MAE rows")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="override the MAE config's epochs")
     parser.add_argument("--probe-epochs", type=int, default=None, help="override the MAE-protocol probe's epochs")
+    parser.add_argument("--keep-rows", action="store_true",
+                        help="keep the rows of the encoders not in --encoders from the --json file")
     parser.add_argument("--json", help="also write the figures as JSON to this path")
     args = parser.parse_args()
     encoders = [name.strip() for name in args.encoders.split(",") if name.strip()]
-    unknown = set(encoders) - {"mae", "random", "pixels"}
+    unknown = set(encoders) - set(ENCODERS)
     if unknown:
-        parser.error(f"--encoders: unknown {', '.join(sorted(unknown))} (choose from mae, random, pixels)")
+        parser.error(f"--encoders: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ENCODERS)})")
+    earlier = {}
+    if args.keep_rows:
+        if not (args.json and Path(args.json).is_file()):
+            parser.error(f"--keep-rows keeps the other encoders' rows from an earlier --json file: "
+                         f"{args.json or 'no --json given'} does not exist")
+        earlier = json.loads(Path(args.json).read_text())
 
     work = Path(args.work_dir)
     shards = work / "shards"
@@ -163,8 +174,9 @@ def main() -> None:
                                                                   "feature.pool=cls"], PROBES)],
         "pixels": [("raw pixels", "pixels", ["encoder.source=pixels", "encoder.checkpoint=null"], PROBES)],
     }
-    rows = []
+    rows_of = {}  # encoder -> its rows
     for encoder in encoders:
+        rows = rows_of[encoder] = []
         for label, name, encoder_args, probes in feature_sets[encoder]:
             features = export(name, work / "features", export_data, encoder_args, seconds,
                               inputs=(pretrained_weights(mae_dir),) if encoder == "mae" else ())
@@ -194,12 +206,16 @@ def main() -> None:
                              "train_images": reference["num_train"],
                              "top1_minus_ours": reference["top1"] - ours["top1"]})
 
+    kept = [encoder for encoder in ENCODERS if encoder not in rows_of] if args.keep_rows else []
+    rows = with_kept_rows(rows_of, earlier.get("rows", []), kept,
+                          {encoder: [entry[0] for entry in feature_sets[encoder]] for encoder in ENCODERS})
     result = {
         "benchmark": "frozen features on Fashion-MNIST (54k train / 6k held-out val from the 60k training set)",
-        "mae": mae,
+        "mae": earlier.get("mae") if "mae" in kept else mae,
         "rows": rows,
+        "kept_from_earlier": kept,  # encoders whose rows were read from the --json file, not measured by this run
         "summary": summary_rows(rows),
-        "seconds": seconds,
+        "seconds": {**earlier.get("seconds", {}), **seconds},  # kept rows keep their steps' times
     }
     print("\n| features | probe | dim | top-1 (%) | top-5 (%) |\n|---|---|---|---|---|")
     for row in rows:
@@ -225,6 +241,19 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def with_kept_rows(rows_of: dict[str, list[dict]], earlier_rows: list[dict], kept: list[str],
+                   labels_of: dict[str, list[str]]) -> list[dict]:
+    """All rows in the encoders' order: those measured now, and for each encoder in `kept` its rows (by feature
+    label) from an earlier run's JSON."""
+    rows = []
+    for encoder in ENCODERS:
+        if encoder in kept:
+            rows += [row for row in earlier_rows if row["features"] in labels_of[encoder]]
+        else:
+            rows += rows_of.get(encoder, [])
+    return rows
 
 
 LINEAR = ("MAE protocol (LARS)", "L-BFGS protocol")

@@ -42,6 +42,20 @@ def test_linear_probe_summary_takes_each_encoders_best_under_the_same_kind_of_pr
     assert load("linear_probe").summary_rows([row for row in ROWS if not row["features"].startswith("MAE")]) == []
 
 
+def test_linear_probe_keeps_the_other_encoders_rows_from_an_earlier_run():
+    """--encoders mae --keep-rows: a new MAE's rows replace the earlier MAE's; the baselines' rows are kept."""
+    probe = load("linear_probe")
+    labels = {"mae": ["MAE pretrained, cls", "MAE pretrained, avg", "MAE pretrained, cls+avg"],
+              "random": ["random init (same ViT), cls"], "pixels": ["raw pixels"]}
+    new_mae = [{"features": "MAE pretrained, cls+avg", "probe": "L-BFGS protocol", "top1": 88.9}]
+    rows = probe.with_kept_rows({"mae": new_mae}, ROWS, ["random", "pixels"], labels)
+    assert rows == new_mae + ROWS[5:]  # the earlier MAE rows dropped, the rest in the encoders' order
+    assert probe.summary_rows(rows)[0]["value"] == 88.9 and probe.summary_rows(rows)[0]["baselines"] == {
+        "raw pixels": 85.38, "random init": 72.6}
+    # nothing kept: only what was measured
+    assert probe.with_kept_rows({"mae": new_mae}, ROWS, [], labels) == new_mae
+
+
 def test_chart_draws_every_summary_row_and_refuses_files_without_one(tmp_path, capsys):
     chart = load("results_chart")
     probe = tmp_path / "probe.json"
