@@ -3,6 +3,9 @@ and its target, one group of bars per row, drawn from the `summary` the benchmar
 
     python benchmarks/results_chart.py docs/results/*.json --out docs/results/fashion_mnist.png
 
+It also prints each file's recorded wall time (the `seconds` of each step, as the scripts measured them, on
+whatever machine and load they ran) and their sum: what the whole benchmark took.
+
 A summary row: {"row": "MAE, linear probe", "metric": "top-1 (%)", "value": 88.1, "target": 88,
 "baselines": {"raw pixels": 85.4, "random init": 72.6}}; a target taken from a baseline also has a "target_label"
 (e.g. "no distillation + 1").
@@ -30,6 +33,18 @@ def read_summaries(paths: list[Path]) -> list[dict]:
             continue
         rows.extend(summary)
     return rows
+
+
+def wall_times(paths: list[Path]) -> list[str]:
+    """A markdown table of each file's steps' recorded wall seconds, in hours, and the total."""
+    lines, total = ["| results | steps | wall time (h) |", "|---|---:|---:|"], 0.0
+    for path in paths:
+        seconds = json.loads(path.read_text()).get("seconds") or {}
+        total += sum(seconds.values())
+        hours = f"{sum(seconds.values()) / 3600:.2f}" if seconds else "not recorded"
+        lines.append(f"| {path.name} | {len(seconds)} | {hours} |")
+    lines.append(f"| all | | **{total / 3600:.2f}** |")
+    return lines
 
 
 def target_text(row: dict) -> str:
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     draw(rows, args.out)
     print(f"{len(rows)} rows drawn into {args.out}")
+    print("\n".join(["", "Recorded wall time of every step:", *wall_times(args.results)]))
     return 0
 
 

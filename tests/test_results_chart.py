@@ -56,6 +56,15 @@ def test_linear_probe_keeps_the_other_encoders_rows_from_an_earlier_run():
     assert probe.with_kept_rows({"mae": new_mae}, ROWS, [], labels) == new_mae
 
 
+def test_wall_times_sum_every_steps_seconds(tmp_path):
+    finetune, clip = tmp_path / "finetune.json", tmp_path / "clip.json"
+    finetune.write_text(json.dumps({"seconds": {"MAE pretraining": 1800.0, "finetune from MAE": 3600.0}}))
+    clip.write_text(json.dumps({"summary": [], "seconds": {"CLIP pretraining": 1800.0}}))
+    assert load("results_chart").wall_times([finetune, clip]) == [
+        "| results | steps | wall time (h) |", "|---|---:|---:|",
+        "| finetune.json | 2 | 1.50 |", "| clip.json | 1 | 0.50 |", "| all | | **2.00** |"]
+
+
 def test_chart_draws_every_summary_row_and_refuses_files_without_one(tmp_path, capsys):
     chart = load("results_chart")
     probe = tmp_path / "probe.json"
@@ -69,6 +78,7 @@ def test_chart_draws_every_summary_row_and_refuses_files_without_one(tmp_path, c
     assert chart.main([str(probe), str(detr), str(empty), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "3 rows drawn" in captured.out and f"{empty}: no summary rows, left out" in captured.err
+    assert "| detr.json | 0 | not recorded |" in captured.out and "| all | | **0.00** |" in captured.out
     with Image.open(out) as image:
         assert image.format == "PNG" and image.height > image.width / 4
 
