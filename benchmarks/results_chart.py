@@ -4,7 +4,8 @@ and its target, one group of bars per row, drawn from the `summary` the benchmar
     python benchmarks/results_chart.py docs/results/*.json --out docs/results/fashion_mnist.png
 
 It also prints each file's recorded wall time (the `seconds` of each step, as the scripts measured them, on
-whatever machine and load they ran) and their sum: what the whole benchmark took.
+whatever machine and load they ran) and their sum: one whole run's time when the files come from one run of
+benchmarks/fmnist_all.sh (each step recorded by the script that ran it).
 
 A summary row: {"row": "MAE, linear probe", "metric": "top-1 (%)", "value": 88.1, "target": 88,
 "baselines": {"raw pixels": 85.4, "random init": 72.6}}; a target taken from a baseline also has a "target_label"
