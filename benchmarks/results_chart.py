@@ -41,8 +41,9 @@ def wall_times(paths: list[Path]) -> list[str]:
     lines, total = ["| results | steps | wall time (h) |", "|---|---:|---:|"], 0.0
     for path in paths:
         seconds = json.loads(path.read_text()).get("seconds") or {}
-        total += sum(seconds.values())
-        hours = f"{sum(seconds.values()) / 3600:.2f}" if seconds else "not recorded"
+        file_total = sum(seconds.values())
+        total += file_total
+        hours = f"{file_total / 3600:.2f}" if seconds else "not recorded"
         lines.append(f"| {path.name} | {len(seconds)} | {hours} |")
     lines.append(f"| all | | **{total / 3600:.2f}** |")
     return lines
