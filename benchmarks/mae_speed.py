@@ -9,8 +9,9 @@ Rows, per precision (float32; bf16 autocast), chosen with --rows:
 - ours: `pretrain.models.create_model(--model)` trained the way our Trainer trains it by default: the engine's
   optimizer, torch.compile only if `TrainConfig().compile` (override with --compile on/off);
 - ours_fused_attention: ours with torch's fused scaled_dot_product_attention in every layer (train.attention=fused);
-  in bf16, ours times both kernels per layer after its first step and keeps the faster (train.attention auto,
-  pretrain/attention_kernels.py, as the Trainer does), so this row shows what that choice buys;
+  ours runs `--attention` (default the Trainer's auto: explicit matmuls on a CPU in bf16; `timed` times both
+  kernels per layer after the first step and keeps the faster, as the Trainer does; pretrain/attention_kernels.py),
+  so this row shows what that choice buys;
 - ours_compile: the same with the other torch.compile setting ("ours, torch.compile" while the default is eager);
   not in the default rows on CPU, where compiling ViT-B takes minutes and gained nothing measurable;
 - ours_loop_adamw: ours with the AdamW our engine built before it asked for torch's fused kernel (timm's factory
@@ -136,7 +137,7 @@ class Row:
     optimizer: torch.optim.Optimizer
     compiled: bool
     times: list[float] = field(default_factory=list)
-    # train.attention auto, as the Trainer does it: the first step's attention inputs, then the kernels chosen on them
+    # train.attention timed, as the Trainer does it: the first step's attention inputs, then the kernels chosen on them
     attention_inputs: Optional[attention_kernels.FirstCallInputs] = None
     attention_choice: list[str] = field(default_factory=list)
     first_step_s: float = 0.0
@@ -165,13 +166,16 @@ def make_row(name: str, args, device: torch.device, compile_default: bool, ours_
     make_optimizer = loop_adamw if name == "ours_loop_adamw" else build_optimizer
     optimizer = make_optimizer(model, optim, lr=1e-4)  # the engine's AdamW, the same for every row but one
     attention_inputs = None
-    attention = "fused" if name == "ours_fused_attention" else TrainConfig().attention
+    attention = "fused" if name == "ours_fused_attention" else args.attention
     mixed_precision = "no" if precision == "fp32" else precision  # accelerate's name
-    if name != "hf" and attention_kernels.times_kernels(attention, mixed_precision, compiled=compiled):
-        # as the Trainer's train.attention auto: record the first step's inputs, choose after it (train_step)
+    attention_choice = []
+    if name != "hf" and attention_kernels.times_kernels(attention, compiled=compiled):
+        # as the Trainer's train.attention timed: record the first step's inputs, choose after it (train_step)
         attention_inputs = attention_kernels.FirstCallInputs(attention_kernels.attention_layers(model))
-    elif name != "hf" and attention != "auto":
-        attention_kernels.set_kernels(model, attention)
+    elif name != "hf":
+        kernel = attention_kernels.rule_kernel(attention, device.type, mixed_precision)
+        attention_kernels.set_kernels(model, kernel)
+        attention_choice = [f"every layer: {kernel} (train.attention {attention})"]
     call = compile_for_training(model) if compiled else model
     if name == "hf":
         def loss_fn(images):
@@ -180,7 +184,7 @@ def make_row(name: str, args, device: torch.device, compile_default: bool, ours_
         def loss_fn(images):
             return call(images)[0]
     return Row(name, row_label(name, compile_default), model, loss_fn, optimizer, compiled,
-               attention_inputs=attention_inputs)
+               attention_inputs=attention_inputs, attention_choice=attention_choice)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -440,6 +444,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds, one step per row each")
     parser.add_argument("--compile", choices=("default", "on", "off"), default="default",
                         help="torch.compile 'ours' and 'full grid': default = what TrainConfig().compile says")
+    parser.add_argument("--attention", choices=("auto", "fused", "math", "timed"), default=TrainConfig().attention,
+                        help="train.attention of the ours rows but ours_fused_attention (default: the Trainer's)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")

@@ -1,4 +1,4 @@
-"""Which kernel each attention layer runs, measured on the run's own shapes rather than guessed.
+"""Which kernel each attention layer runs (train.attention): a fixed rule by default, or timed on the run's shapes.
 
 timm's attention layers (ViT's `Attention`, Swin's `WindowAttention`, ...) compute softmax(QK^T/sqrt(d))V either
 with torch's fused `scaled_dot_product_attention` or as explicit matmuls; their `fused_attn` attribute picks. Which
@@ -8,13 +8,19 @@ backward is slow, while bf16 matmuls run at 2-2.7x float32's rate), and ~8% slow
 "bf16 on a CPU with bf16 units").
 
 `train.attention` (pretrain.config.TrainConfig):
+- "auto" (the default): a fixed rule, so that a run is a function of its config, seed and device alone: explicit
+  matmuls on a CPU in reduced precision (bf16, fp16), where they won every timing we made (the tiny ViTs' layers
+  2.6-3.4x, DETR's 257-token trunk 1.8x, ViT-B 7% on a whole step), torch's fused kernel everywhere else (GPUs;
+  float32, where the matmuls are ~8% slower on the CPU);
 - "fused" / "math": every layer runs that kernel;
-- "auto" (the default): in reduced precision (bf16, fp16), the first training step records each attention layer's
-  inputs; each distinct layer (type, weights' shapes, inputs' shapes) is then timed forward and backward with both
-  kernels on those inputs, and every layer keeps the faster one for the rest of the run. The choice is logged and
-  recorded in the checkpoints, so a resumed run computes exactly what the uninterrupted one did. In float32, and
-  under FSDP (whose sharded layers cannot run alone) or `train.compile` (one traced graph), "auto" keeps torch's
-  fused kernel, so that a float32 run stays a function of its seed alone.
+- "timed": the first training step records each attention layer's inputs; each distinct layer (type, weights'
+  shapes, inputs' shapes) is then timed forward and backward with both kernels on those inputs, and every layer
+  keeps the faster one for the rest of the run (as `torch.backends.cudnn.benchmark`: for hardware the rule does not
+  know). The choice is logged and recorded in the checkpoints, so a resumed run computes exactly what the
+  uninterrupted one did; but it follows the clock, and on a busy machine the clock can pick the other kernel
+  (DETR's trunk, 2 cores shared with another job: fused 192 against math 228 ms; idle, 36 against 20), so two
+  runs of one config can differ. Under FSDP (whose sharded layers cannot run alone) or `train.compile` (one traced
+  graph) it falls back to the "auto" rule.
 """
 from __future__ import annotations
 
@@ -29,10 +35,19 @@ KERNELS = ("fused", "math")
 ROUNDS = 5  # timed calls of each kernel per layer shape, alternating; the fastest call counts
 
 
-def times_kernels(attention: str, mixed_precision: str, sharded: bool = False, compiled: bool = False) -> bool:
-    """Whether `train.attention` `attention` chooses each layer's kernel by timing: "auto", in bf16 or fp16
-    (accelerate's `mixed_precision`), neither sharded by FSDP nor compiled."""
-    return attention == "auto" and mixed_precision in ("bf16", "fp16") and not sharded and not compiled
+def times_kernels(attention: str, sharded: bool = False, compiled: bool = False) -> bool:
+    """Whether `train.attention` `attention` chooses each layer's kernel by timing: "timed", neither sharded by FSDP
+    nor compiled."""
+    return attention == "timed" and not sharded and not compiled
+
+
+def rule_kernel(attention: str, device_type: str, mixed_precision: str) -> str:
+    """The one kernel every layer runs when none is timed: "fused" / "math" as named; otherwise (auto, or timed where
+    it cannot time) explicit matmuls on a CPU in reduced precision (accelerate's `mixed_precision` "bf16" / "fp16")
+    and torch's fused kernel everywhere else."""
+    if attention in KERNELS:
+        return attention
+    return "math" if device_type == "cpu" and mixed_precision in ("bf16", "fp16") else "fused"
 
 
 def attention_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -284,10 +284,12 @@ class Trainer:
         optimizer = build_optimizer(model, optim, self.schedule.lr, layer_decay=layer_decay, param_group_fn=param_group_fn)
         self.scheduler = (make_scheduler(optimizer, self.schedule) if make_scheduler is not None
                           else build_scheduler(optimizer, self.schedule, optim.min_lr))
-        # the attention layers' kernels: set here, or chosen by timing after the first step (train.attention auto)
+        # the attention layers' kernels: set here by rule, or chosen by timing after the first step (train.attention
+        # timed: recorded in checkpoints)
         self.attention_kernels: dict[str, str] = {}
-        if train.attention != "auto":
-            attention_kernels.set_kernels(model, train.attention)
+        if not attention_kernels.times_kernels(train.attention, self._sharded(), train.compile):
+            attention_kernels.set_kernels(
+                model, attention_kernels.rule_kernel(train.attention, acc.device.type, acc.mixed_precision))
         if train.compile:
             model = compile_for_training(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -442,11 +444,11 @@ class Trainer:
                 first_step_inputs.close()
 
     def _record_attention_inputs(self) -> Optional[attention_kernels.FirstCallInputs]:
-        """train.attention auto in reduced precision, with no choice restored from a checkpoint: record the attention
-        layers' inputs during this run's first step, to time their kernels on (`_choose_attention_kernels`)."""
+        """train.attention timed, with no choice restored from a checkpoint: record the attention layers' inputs
+        during this run's first step, to time their kernels on (`_choose_attention_kernels`)."""
         layers = attention_kernels.attention_layers(self.unwrapped_model)
         if self.attention_kernels or not layers or not attention_kernels.times_kernels(
-                self.train_cfg.attention, self.accelerator.mixed_precision, self._sharded(), self.train_cfg.compile):
+                self.train_cfg.attention, self._sharded(), self.train_cfg.compile):
             return None
         return attention_kernels.FirstCallInputs(layers)
 
@@ -660,7 +662,7 @@ class Trainer:
                 "nonfinite_skips": self.nonfinite_skips,
                 "task": self.task.state_dict(),  # e.g. the finetuning EMA
                 "loss_since_eval": loss_since_eval.cpu(),
-                "attention_kernels": self.attention_kernels,  # train.attention auto's choice, kept on resume
+                "attention_kernels": self.attention_kernels,  # train.attention timed's choice, kept on resume
             }
             # the precision the run trained in ("auto" resolved), for the model card
             meta = {"epoch": self.step / self.schedule.steps_per_epoch, "total_steps": self.schedule.total_steps,
@@ -728,7 +730,8 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.task.load_state_dict(state.get("task", {}))
-        if self.train_cfg.attention == "auto" and state.get("attention_kernels"):
+        # a timed choice (also one recorded by a run from before auto became a fixed rule: auto used to time)
+        if self.train_cfg.attention in ("auto", "timed") and state.get("attention_kernels"):
             self.attention_kernels = dict(state["attention_kernels"])
             attention_kernels.set_kernels(self.unwrapped_model, self.attention_kernels)
         if self.accelerator.is_main_process and "loss_since_eval" in state:  # the others start their sums afresh

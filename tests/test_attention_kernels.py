@@ -1,4 +1,5 @@
-"""train.attention: the attention layers' kernel, set by the config or timed on the first step's inputs."""
+"""train.attention: the attention layers' kernel, set by the config or a rule (auto), or timed on the first step's
+inputs (timed)."""
 from __future__ import annotations
 
 import logging
@@ -68,43 +69,63 @@ def tiny_bf16_run(tiny_args, output_dir, *overrides):
     return tiny_args(output_dir, "train.mixed_precision=bf16", "train.epochs=1", "train.log_every=1", *overrides)
 
 
-def test_auto_choice_is_logged_checkpointed_and_kept_on_resume(tmp_path, tiny_args, monkeypatch, caplog):
-    # a stand-in for the clock: explicit matmuls "win" everywhere, so both runs choose alike and the choice differs
-    # from the fused default that a resume forgetting it would fall back to
+def final_weights(run_dir, step=8):
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / MODEL_FILE)
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_timed_choice_is_logged_checkpointed_and_kept_on_resume(tmp_path, tiny_args, monkeypatch, caplog):
+    # a stand-in for the clock: the fused kernel "wins" everywhere, so both runs choose alike and the choice differs
+    # from the math kernel that auto's rule (a CPU in bf16) would fall back to on a resume forgetting it
     timed = []
 
-    def math_wins(layer, args, kwargs, autocast):
+    def fused_wins(layer, args, kwargs, autocast):
         timed.append(tuple(args[0].shape))
-        return {"fused": 2.0, "math": 1.0}
+        return {"fused": 1.0, "math": 2.0}
 
-    monkeypatch.setattr(attention_kernels, "_time_kernels", math_wins)
-    run_a, run_b, run_fused = tmp_path / "a", tmp_path / "b", tmp_path / "fused"
+    monkeypatch.setattr(attention_kernels, "_time_kernels", fused_wins)
+    run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     with caplog.at_level(logging.INFO, logger="pretrain.engine"):
-        assert main(tiny_bf16_run(tiny_args, run_a, "train.save_every=2", "train.keep_last=100")) == 0
+        assert main(tiny_bf16_run(tiny_args, run_a, "train.attention=timed", "train.save_every=2",
+                                  "train.keep_last=100")) == 0
     assert len(timed) == 2  # once per distinct layer, after the first step only
-    assert "attention kernels (bf16" in caplog.text and "-> math" in caplog.text
-    expected = {"blocks.0.attn": "math", "decoder_blocks.0.attn": "math"}
+    assert "attention kernels (bf16" in caplog.text and "-> fused" in caplog.text
+    expected = {"blocks.0.attn": "fused", "decoder_blocks.0.attn": "fused"}
     assert load_train_state(run_a / "checkpoints" / "step_00000002")["attention_kernels"] == expected
 
-    assert main(tiny_bf16_run(tiny_args, run_b, "train.save_every=2", "train.stop_after_steps=4")) == 0
+    assert main(tiny_bf16_run(tiny_args, run_b, "train.attention=timed", "train.save_every=2",
+                              "train.stop_after_steps=4")) == 0
     monkeypatch.setattr(attention_kernels, "_time_kernels", lambda *a: pytest.fail("a resumed run timed again"))
-    assert main(tiny_bf16_run(tiny_args, run_b, "train.save_every=2", "train.resume=latest")) == 0
+    assert main(tiny_bf16_run(tiny_args, run_b, "train.attention=timed", "train.save_every=2",
+                              "train.resume=latest")) == 0
     assert load_train_state(run_b / "checkpoints" / "step_00000008")["attention_kernels"] == expected
-    final_a = load_file(run_a / "checkpoints" / "step_00000008" / MODEL_FILE)
-    final_b = load_file(run_b / "checkpoints" / "step_00000008" / MODEL_FILE)
-    assert all(torch.equal(final_a[name], final_b[name]) for name in final_a)
+    assert same_weights(final_weights(run_a), final_weights(run_b))
 
-    # the test can tell: the fused kernel throughout ends elsewhere in bf16
-    assert main(tiny_bf16_run(tiny_args, run_fused, "train.attention=fused")) == 0
-    final_fused = load_file(run_fused / "checkpoints" / "step_00000008" / MODEL_FILE)
-    assert not all(torch.equal(final_a[name], final_fused[name]) for name in final_a)
-    assert load_train_state(run_fused / "checkpoints" / "step_00000008")["attention_kernels"] == {}
+    # a checkpoint's timed choice is kept when the run goes on under auto (runs started before auto was a rule)
+    monkeypatch.setattr(attention_kernels, "_time_kernels", fused_wins)
+    assert main(tiny_bf16_run(tiny_args, run_c, "train.attention=timed", "train.save_every=2",
+                              "train.stop_after_steps=4")) == 0
+    assert main(tiny_bf16_run(tiny_args, run_c, "train.save_every=2", "train.resume=latest")) == 0  # auto
+    assert same_weights(final_weights(run_a), final_weights(run_c))
+
+
+def test_bf16_auto_on_a_cpu_is_math_by_rule_and_times_nothing(tmp_path, tiny_args, monkeypatch):
+    monkeypatch.setattr(attention_kernels, "_time_kernels", lambda *a: pytest.fail("auto timed kernels"))
+    # bf16 on a CPU: explicit matmuls in every layer, the same weights as train.attention=math, not as fused
+    runs = {kernel: tmp_path / kernel for kernel in ("auto", "math", "fused")}
+    for kernel, run_dir in runs.items():
+        assert main(tiny_bf16_run(tiny_args, run_dir, f"train.attention={kernel}")) == 0
+        assert load_train_state(run_dir / "checkpoints" / "step_00000008")["attention_kernels"] == {}
+    auto, math, fused = (final_weights(runs[kernel]) for kernel in ("auto", "math", "fused"))
+    assert same_weights(auto, math) and not same_weights(auto, fused)
 
 
 def test_float32_auto_and_fixed_kernels_time_nothing(tmp_path, tiny_args, monkeypatch, micro_model):
     monkeypatch.setattr(attention_kernels, "_time_kernels", lambda *a: pytest.fail("float32 auto timed kernels"))
     assert main(tiny_args(tmp_path / "fp32", "train.stop_after_steps=2")) == 0  # mixed_precision=no
-
     model = create_model(micro_model)
     attention_kernels.set_kernels(model, "math")
     assert not any(layer.fused_attn for layer in attention_kernels.attention_layers(model).values())
@@ -116,10 +137,13 @@ def test_an_unknown_kernel_is_a_config_error(tmp_path):
     assert TrainConfig().attention == "auto"
 
 
-def test_only_auto_in_reduced_precision_unsharded_and_eager_times_kernels():
-    """The one rule the Trainer and benchmarks/mae_speed.py share."""
-    assert attention_kernels.times_kernels("auto", "bf16") and attention_kernels.times_kernels("auto", "fp16")
-    assert not attention_kernels.times_kernels("auto", "no")
-    assert not attention_kernels.times_kernels("fused", "bf16") and not attention_kernels.times_kernels("math", "bf16")
-    assert not attention_kernels.times_kernels("auto", "bf16", sharded=True)
-    assert not attention_kernels.times_kernels("auto", "bf16", compiled=True)
+def test_only_timed_unsharded_and_eager_times_kernels_and_the_rule_otherwise():
+    """The rules the Trainer and benchmarks/mae_speed.py share."""
+    assert attention_kernels.times_kernels("timed")
+    assert not any(attention_kernels.times_kernels(kernel) for kernel in ("auto", "fused", "math"))
+    assert not attention_kernels.times_kernels("timed", sharded=True)
+    assert not attention_kernels.times_kernels("timed", compiled=True)
+    rule = attention_kernels.rule_kernel
+    assert rule("auto", "cpu", "bf16") == rule("auto", "cpu", "fp16") == rule("timed", "cpu", "bf16") == "math"
+    assert rule("auto", "cpu", "no") == rule("auto", "cuda", "bf16") == rule("auto", "cuda", "no") == "fused"
+    assert rule("fused", "cpu", "bf16") == "fused" and rule("math", "cuda", "bf16") == "math"

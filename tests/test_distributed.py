@@ -53,7 +53,7 @@ def test_two_processes_share_one_global_batch_and_one_log(two_process_mae):
 
 
 def test_two_processes_take_the_main_process_attention_kernels(tiny_shards, tmp_path):
-    """train.attention auto in bf16: the main process times the kernels after the first step, every process takes
+    """train.attention timed in bf16: the main process times the kernels after the first step, every process takes
     its choice (broadcast), it is logged once and checkpointed."""
     from pretrain.checkpoint import find_latest, load_train_state
 
@@ -62,7 +62,7 @@ def test_two_processes_take_the_main_process_attention_kernels(tiny_shards, tmp_
     result = torchrun("pretrain", f"output_dir={out}", f"data.train={train_dir}", f"data.val={val_dir}",
                       "data.image_size=16", "data.shuffle_buffer=8", "train.batch_size=8", "train.stop_after_steps=2",
                       "num_pictures=2", *[a for a in TINY_RUN if "mixed_precision" not in a],
-                      "train.mixed_precision=bf16", "train.attention=auto")
+                      "train.mixed_precision=bf16", "train.attention=timed")
     assert result.stderr.count("attention kernels (bf16") == 1
     kernels = load_train_state(find_latest(out / "checkpoints"))["attention_kernels"]
     assert kernels and set(kernels.values()) <= {"fused", "math"}

@@ -24,6 +24,11 @@ _MAE_ARCHITECTURES: dict[str, dict] = {
         img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
     ),
+    # the same at ViT-Tiny's full depth (12 blocks, as timm's vit_tiny_patch16_224): ~5.5 M parameters.
+    "mae_vit_tiny_d12_patch4": dict(
+        img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+    ),
     "mae_vit_small_patch16": dict(
         patch_size=16, embed_dim=384, depth=12, num_heads=6,
         decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
