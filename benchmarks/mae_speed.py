@@ -175,7 +175,7 @@ def make_row(name: str, args, device: torch.device, compile_default: bool, ours_
     elif name != "hf":
         kernel = attention_kernels.rule_kernel(attention, device.type, mixed_precision)
         attention_kernels.set_kernels(model, kernel)
-        attention_choice = [f"every layer: {kernel} (train.attention {attention})"]
+        attention_choice = [f"every layer: {kernel or 'timm default'} (train.attention {attention})"]
     call = compile_for_training(model) if compiled else model
     if name == "hf":
         def loss_fn(images):

@@ -10,8 +10,9 @@ backward is slow, while bf16 matmuls run at 2-2.7x float32's rate), and ~8% slow
 `train.attention` (pretrain.config.TrainConfig):
 - "auto" (the default): a fixed rule, so that a run is a function of its config, seed and device alone: explicit
   matmuls on a CPU in reduced precision (bf16, fp16), where they won every timing we made (the tiny ViTs' layers
-  2.6-3.4x, DETR's 257-token trunk 1.8x, ViT-B 7% on a whole step), torch's fused kernel everywhere else (GPUs;
-  float32, where the matmuls are ~8% slower on the CPU);
+  2.6-3.4x, DETR's 257-token trunk 1.8x, ViT-B 7% on a whole step); everywhere else (GPUs; float32, where the
+  matmuls are ~8% slower on the CPU) each layer keeps timm's default: torch's fused kernel for ViT's `Attention`,
+  explicit matmuls where timm marks the fused path experimental (Swin's `WindowAttention`);
 - "fused" / "math": every layer runs that kernel;
 - "timed": the first training step records each attention layer's inputs; each distinct layer (type, weights'
   shapes, inputs' shapes) is then timed forward and backward with both kernels on those inputs, and every layer
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -41,13 +42,13 @@ def times_kernels(attention: str, sharded: bool = False, compiled: bool = False)
     return attention == "timed" and not sharded and not compiled
 
 
-def rule_kernel(attention: str, device_type: str, mixed_precision: str) -> str:
+def rule_kernel(attention: str, device_type: str, mixed_precision: str) -> Optional[str]:
     """The one kernel every layer runs when none is timed: "fused" / "math" as named; otherwise (auto, or timed where
-    it cannot time) explicit matmuls on a CPU in reduced precision (accelerate's `mixed_precision` "bf16" / "fp16")
-    and torch's fused kernel everywhere else."""
+    it cannot time) explicit matmuls on a CPU in reduced precision (accelerate's `mixed_precision` "bf16" / "fp16"),
+    and None everywhere else: each layer keeps timm's default."""
     if attention in KERNELS:
         return attention
-    return "math" if device_type == "cpu" and mixed_precision in ("bf16", "fp16") else "fused"
+    return "math" if device_type == "cpu" and mixed_precision in ("bf16", "fp16") else None
 
 
 def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -55,8 +56,11 @@ def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(getattr(module, "fused_attn", None), bool)}
 
 
-def set_kernels(model: nn.Module, kernels: str | dict[str, str]) -> None:
-    """Set every attention layer to one kernel ("fused" / "math"), or each named layer to its own."""
+def set_kernels(model: nn.Module, kernels: Optional[str | dict[str, str]]) -> None:
+    """Set every attention layer to one kernel ("fused" / "math"), or each named layer to its own (None: leave all
+    as they are)."""
+    if kernels is None:
+        return
     for name, layer in attention_layers(model).items():
         kernel = kernels if isinstance(kernels, str) else kernels.get(name)
         if kernel is not None:

@@ -310,7 +310,7 @@ class TrainConfig:
     # Checkpoints and pictures use the eager module either way.
     compile: bool = False
     # the attention layers' kernel (timm's fused_attn): fused (torch's scaled_dot_product_attention), math (explicit
-    # matmuls), auto (a fixed rule: math on a CPU in bf16/fp16, fused elsewhere), or timed: each distinct layer is
+    # matmuls), auto (a fixed rule: math on a CPU in bf16/fp16, timm's default elsewhere), or timed: each distinct layer is
     # timed with both on the first step's inputs and keeps the faster (logged, recorded in checkpoints; it follows
     # the clock, so two runs on a busy machine can differ). pretrain/attention_kernels.py
     attention: Literal["auto", "fused", "math", "timed"] = "auto"
