@@ -301,6 +301,10 @@ def test_registry():
     assert model.config["img_size"] == 96 and model.config["embed_dim"] == 768
     tiny = create_model("mae_vit_tiny_patch4")
     assert 1e6 < sum(p.numel() for p in tiny.parameters()) < 4e6
+    deep = create_model("mae_vit_tiny_d12_patch4")  # the same at ViT-Tiny's 12 blocks: only the depth differs
+    assert len(tiny.blocks) == 6 and len(deep.blocks) == 12
+    assert {k: v for k, v in deep.config.items() if k != "depth"} == {k: v for k, v in tiny.config.items() if k != "depth"}
+    assert 5e6 < sum(p.numel() for p in deep.parameters()) < 6e6
     rebuilt = MaskedAutoencoderViT(**tiny.config)
     result = rebuilt.load_state_dict(tiny.state_dict(), strict=True)  # config alone rebuilds the architecture
     assert not result.missing_keys and not result.unexpected_keys

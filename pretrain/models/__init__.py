@@ -24,7 +24,7 @@ _MAE_ARCHITECTURES: dict[str, dict] = {
         img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
     ),
-    # the same at ViT-Tiny's full depth (12 blocks, as timm's vit_tiny_patch16_224): ~5.5 M parameters.
+    # the same at ViT-Tiny's full depth (12 blocks, as timm's vit_tiny_patch16_224): ~5.8 M parameters.
     "mae_vit_tiny_d12_patch4": dict(
         img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
