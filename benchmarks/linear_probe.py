@@ -113,6 +113,13 @@ def scikit_learn_probe(features: Path, C: float, out: Path, seconds: StepSeconds
     return metrics
 
 
+def mae_model_name() -> str:
+    """The architecture the MAE config pretrains (the random-init row's ViT)."""
+    import yaml
+
+    return yaml.safe_load(MAE_CONFIG.read_text())["model"]["name"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fashion-mnist", default=str(REPO.parent / "shared/datasets/fashion-mnist"),
@@ -170,7 +177,7 @@ def main() -> None:
                 ("MAE pretrained, avg", "mae_avg", [*mae_encoder, "feature.pool=avg"], PROBES[1:]),
                 ("MAE pretrained, cls+avg", "mae_cls+avg", [*mae_encoder, "feature.pool=cls+avg"], PROBES[1:])],
         "random": [("random init (same ViT), cls", "random_cls", ["encoder.source=mae", "encoder.checkpoint=null",
-                                                                  "encoder.model_name=mae_vit_tiny_patch4",
+                                                                  f"encoder.model_name={mae_model_name()}",
                                                                   "feature.pool=cls"], PROBES)],
         "pixels": [("raw pixels", "pixels", ["encoder.source=pixels", "encoder.checkpoint=null"], PROBES)],
     }

@@ -220,20 +220,24 @@ def test_zero_shot_names_a_bad_template_file(tmp_path):
     assert len(prompt_templates("openai")) == 80 and prompt_templates("a {} in a box") == ["a {} in a box"]
 
 
-def test_an_mae_checkpoint_initialises_the_timm_image_tower(tmp_path):
-    from pretrain.checkpoint import save_checkpoint
+@pytest.mark.parametrize("mae_name, tower, other_tower", [("mae_vit_tiny_patch4", "vitpretrain-tiny-32", "vitpretrain-tiny12-32"),
+                                                         ("mae_vit_tiny_d12_patch4", "vitpretrain-tiny12-32", "vitpretrain-tiny-32")])
+def test_an_mae_checkpoint_initialises_the_timm_image_tower_of_its_depth(tmp_path, mae_name, tower, other_tower):
+    from pretrain.checkpoint import CheckpointError, save_checkpoint
     from pretrain.encoders import init_image_tower
     from pretrain.models import create_model
 
     torch.manual_seed(0)
-    mae = create_model("mae_vit_tiny_patch4")
-    metadata = {"objective": "mae", "model_name": "mae_vit_tiny_patch4", "model_config": json.dumps(mae.config)}
+    mae = create_model(mae_name)
+    metadata = {"objective": "mae", "model_name": mae_name, "model_config": json.dumps(mae.config)}
     save_checkpoint(tmp_path / "checkpoints", 1, mae.state_dict(), {}, {}, model_metadata=metadata)
-    model, _, _ = create_clip("vitpretrain-tiny-32")
+    model, _, _ = create_clip(tower)
     init_image_tower(model, tmp_path)
     trunk = model.visual.trunk.state_dict()
     for key, value in mae.encoder_state_dict().items():
         assert torch.equal(trunk[key], value), key
+    with pytest.raises(CheckpointError, match="does not fit the VisionTransformer"):  # 6 blocks into 12, 12 into 6
+        init_image_tower(create_clip(other_tower)[0], tmp_path)
 
 
 @pytest.mark.parametrize("model_name", ["ummae_swin_tiny_cpu", "simmim_swin_tiny_cpu"])

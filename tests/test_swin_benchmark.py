@@ -59,9 +59,10 @@ def test_finetuning_config_builds_the_pretrained_swin_from_scratch_too():
     cfg = load_config(FinetuneConfig, REPO / "configs/finetune_swin_tiny_fmnist.yaml")
     recipe = load_config(FinetuneConfig, REPO / "configs/finetune_mae_tiny_fmnist.yaml")
     # the ViT's optimiser and train section but a shorter budget (4 epochs: the Swin row fits one session); the
-    # augmentation and lr the Swin row was measured with (the ViT's have moved on, each chosen on a carve)
+    # augmentation, lr and layer decay the Swin row was measured with (the ViT's have moved on, each chosen on a
+    # carve; its layer decay with its depth)
     assert dataclasses.replace(cfg.optim, base_lr=recipe.optim.base_lr) == recipe.optim and cfg.optim.base_lr == 1e-3
-    assert cfg.layer_decay == recipe.layer_decay
+    assert cfg.layer_decay == 0.75
     assert dataclasses.replace(cfg.train, epochs=recipe.train.epochs) == recipe.train and cfg.train.epochs == 4
     assert (cfg.data.mean, cfg.data.std) == (FMNIST_MEAN, FMNIST_STD)
     assert cfg.augment.rand_augment == "rand-m3-mstd0.5-inc1" and cfg.data.crop_scale == (0.5, 1.0)

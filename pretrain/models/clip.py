@@ -37,18 +37,28 @@ EXPORT_WEIGHTS_FILE = "open_clip_model.safetensors"
 # timm only builds registered names (open_clip passes no img_size/patch_size through), so the small towers are
 # registered here, shaped exactly like the matching MAE encoders in pretrain.models (`timm_vit_kwargs`).
 
-@register_model
-def vitpretrain_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """The encoder of `mae_vit_tiny_patch4`: 32x32 images, 4x4 patches, 192 wide, 6 blocks, 3 heads."""
+def _vit_tiny_patch4_32(name: str, depth: int, pretrained: bool, **kwargs) -> VisionTransformer:
     if pretrained:
-        raise ValueError("vitpretrain_vit_tiny_patch4_32 has no published weights; load a checkpoint instead")
+        raise ValueError(f"{name} has no published weights; load a checkpoint instead")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
         kwargs.pop(key, None)
     kwargs.setdefault("img_size", 32)  # (another size when a finetune rebuilds the tower at its resolution)
-    model = VisionTransformer(patch_size=4, embed_dim=192, depth=6, num_heads=3, **kwargs)
+    model = VisionTransformer(patch_size=4, embed_dim=192, depth=depth, num_heads=3, **kwargs)
     size = kwargs["img_size"]
     model.pretrained_cfg = model.default_cfg = {"input_size": (3, size, size), "num_classes": 0}  # as timm attaches
     return model
+
+
+@register_model
+def vitpretrain_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The encoder of `mae_vit_tiny_patch4`: 32x32 images, 4x4 patches, 192 wide, 6 blocks, 3 heads."""
+    return _vit_tiny_patch4_32("vitpretrain_vit_tiny_patch4_32", 6, pretrained, **kwargs)
+
+
+@register_model
+def vitpretrain_vit_tiny_d12_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The encoder of `mae_vit_tiny_d12_patch4`: the same at ViT-Tiny's 12 blocks."""
+    return _vit_tiny_patch4_32("vitpretrain_vit_tiny_d12_patch4_32", 12, pretrained, **kwargs)
 
 
 @register_model
