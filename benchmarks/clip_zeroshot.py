@@ -157,13 +157,17 @@ def train_clip(work: Path, clip_dir: Path, epochs: int | None, seconds: StepSeco
 
 def summary_rows(rows: list[dict], retrieval: dict) -> list[dict]:
     """The results picture's rows (benchmarks/results_chart.py): the product-photo ensemble's zero-shot top-1
-    against chance and its own templates used one at a time, and retrieval R@1 both ways."""
+    against chance, the same figure against its own templates used one at a time (its target: their mean + 1), and
+    retrieval R@1 both ways."""
     ensemble = rows[0]
+    mean_single = ensemble["mean_single_template_top1"]
     return [
         {"row": "CLIP zero-shot, prompt ensemble", "metric": "top-1 (%)", "value": ensemble["top1"],
-         "target": ZERO_SHOT_TARGET,
-         "baselines": {"mean single template": ensemble["mean_single_template_top1"],
-                       "best single template": ensemble["best_single_template_top1"], "chance": CHANCE}},
+         "target": ZERO_SHOT_TARGET, "baselines": {"chance": CHANCE}},
+        {"row": "CLIP ensemble vs its templates", "metric": "top-1 (%)", "value": ensemble["top1"],
+         "target": mean_single + ENSEMBLE_GAIN_TARGET, "target_label": "mean single + 1",
+         "baselines": {"mean single template": mean_single,
+                       "best single template": ensemble["best_single_template_top1"]}},
         {"row": "CLIP retrieval, image->text R@1", "metric": "R@1 (%)", "value": retrieval["image_to_text_R@1"],
          "target": None, "baselines": {"text->image R@1": retrieval["text_to_image_R@1"],
                                        "chance": 100.0 / retrieval["num_pairs"]}},

@@ -50,10 +50,12 @@ def wall_times(paths: list[Path]) -> list[str]:
 
 
 def target_text(row: dict) -> str:
-    """"target 93", or for a target set by a baseline "target 73.7 (no distillation + 1)"."""
+    """"target 93", for a target set by a baseline "target 73.7 (no distillation + 1)", and ": missed" after
+    either where the method's value is below it."""
     target = float(row["target"])
     text = f"target {target:g}" if target.is_integer() else f"target {target:.1f}"
-    return f"{text} ({row['target_label']})" if row.get("target_label") else text
+    text = f"{text} ({row['target_label']})" if row.get("target_label") else text
+    return f"{text}: missed" if row["value"] < target else text
 
 
 def draw(rows: list[dict], out: Path) -> None:
@@ -77,7 +79,8 @@ def draw(rows: list[dict], out: Path) -> None:
         if row.get("target") is not None:
             top, bottom = y - bar / 2, y + (len(entries) - 0.5) * bar
             ax.plot([row["target"]] * 2, [top, bottom], color=TARGET_COLOUR, linewidth=2)
-            ax.text(row["target"], top, target_text(row), color=TARGET_COLOUR, fontsize=7, va="bottom")
+            # ending at the tick, so that a target near the right edge keeps its whole label
+            ax.text(row["target"], top, target_text(row), color=TARGET_COLOUR, fontsize=7, va="bottom", ha="right")
         y += height
     ax.set_yticks(ticks, labels, fontsize=8)
     ax.invert_yaxis()

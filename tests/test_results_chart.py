@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from benchmark_helpers import load_benchmark
@@ -65,6 +66,16 @@ def test_wall_times_sum_every_steps_seconds(tmp_path):
         "| finetune.json | 2 | 1.50 |", "| clip.json | 1 | 0.50 |", "| all | | **2.00** |"]
 
 
+def test_target_label_names_a_baseline_set_target_and_says_when_it_is_missed():
+    target_text = load("results_chart").target_text
+    assert target_text({"value": 93.4, "target": 93.0}) == "target 93"
+    assert target_text({"value": 92.8, "target": 93.0}) == "target 93: missed"
+    assert target_text({"value": 91.6, "target": 91.89, "target_label": "mean single + 1"}) == (
+        "target 91.9 (mean single + 1): missed")
+    assert target_text({"value": 75.6, "target": 73.92, "target_label": "no distillation + 1"}) == (
+        "target 73.9 (no distillation + 1)")
+
+
 def test_chart_draws_every_summary_row_and_refuses_files_without_one(tmp_path, capsys):
     chart = load("results_chart")
     probe = tmp_path / "probe.json"
@@ -103,9 +114,11 @@ def test_finetune_and_clip_summaries_name_each_method_its_baselines_and_target()
     ]
     rows = [{"top1": 88.5, "mean_single_template_top1": 86.9, "best_single_template_top1": 88.0}]
     retrieval = {"image_to_text_R@1": 1.5, "text_to_image_R@1": 0.9, "num_pairs": 6000}
-    zero_shot, recall = load("clip_zeroshot").summary_rows(rows, retrieval)
-    assert zero_shot["value"] == 88.5 and zero_shot["target"] == 88.0
-    assert zero_shot["baselines"] == {"mean single template": 86.9, "best single template": 88.0, "chance": 10.0}
+    zero_shot, ensemble, recall = load("clip_zeroshot").summary_rows(rows, retrieval)
+    assert zero_shot["value"] == 88.5 and zero_shot["target"] == 88.0 and zero_shot["baselines"] == {"chance": 10.0}
+    assert ensemble["value"] == 88.5 and ensemble["target"] == pytest.approx(87.9)
+    assert ensemble["target_label"] == "mean single + 1"
+    assert ensemble["baselines"] == {"mean single template": 86.9, "best single template": 88.0}
     assert recall["value"] == 1.5 and recall["baselines"] == {"text->image R@1": 0.9, "chance": 100 / 6000}
     detr = load("detr_fmnist").summary_rows({"history": [{"AP50": 0.1, "AP": 0.05}, {"AP50": 0.52, "AP": 0.27}]})
     assert [(row["row"], row["value"], row["target"]) for row in detr] == [
