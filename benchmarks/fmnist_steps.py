@@ -71,17 +71,22 @@ def run_or_resume(step: str, main, schema: type, config: Path, out: Path, overri
     among them) unless `out` holds this recipe's run and `finished()` says it ended; resume an interrupted one from
     its latest checkpoint. A run of another recipe, or begun before the weights it reads (`inputs`) were written
     (recipe_changes), starts over, as does any run when `restart` names a reason (a smoke run). Its seconds go to
-    `seconds` under `step`."""
+    `seconds` under `step`, also when it stops before the end."""
     changed = [restart] if restart else recipe_changes(out, schema, config, overrides, inputs=inputs)
     if changed and (out / "config.yaml").is_file():
         why = restart or f"a run of another recipe ({', '.join(changed)})"
         print(f"\n== {step}: {out} holds {why}: starting over")
     elif not changed and finished():
         print(f"\n== {step}: done earlier ({out})")
+        seconds.found_done(step, out)
         return
     resume = not changed and find_latest(out / "checkpoints") is not None
     argv = ["--config", str(config), *overrides, "train.resume=latest" if resume else "train.overwrite=true"]
-    seconds.record(step, run(step, main, argv), resumed=resume)
+    start = time.perf_counter()
+    try:
+        run(step, main, argv)
+    finally:  # a run stopped by SIGTERM (after its checkpoint) or a failure spent this time too: its resume adds on
+        seconds.record(step, time.perf_counter() - start, resumed=resume, out=out)
 
 
 def pretrain(step: str, config: Path, out: Path, overrides: list[str], seconds: StepSeconds) -> dict:
@@ -124,19 +129,49 @@ def image_counts(runs: dict[str, dict]) -> str:
 
 class StepSeconds(dict):
     """Each step's wall seconds, kept in a JSON file so that a benchmark run again after a stop still reports the
-    steps it skips as done. A run resumed after an interruption adds its time to what the step had (the part before
-    the stop is not counted: the process that timed it was killed); a run started over replaces it."""
+    steps it skips as done. A run resumed after a stop adds its time to what the step had; a run started over
+    replaces it.
+
+    A training step's run folder names the file that timed it (TIMED_BY), and each run is counted once, in the
+    file of the script that trained it: a script that finds the run done and timed by another (the MAE that
+    linear_probe.py pretrained, which finetune_fmnist.py finetunes) drops any time it had for that step (an older
+    run's)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         super().__init__(json.loads(self.path.read_text()) if self.path.is_file() else {})
+        self.touched: set[str] = set()  # the steps this invocation ran or found done
 
-    def record(self, step: str, seconds: float, resumed: bool = False) -> None:
+    def record(self, step: str, seconds: float, resumed: bool = False, out: Path | None = None) -> None:
+        """`step` took `seconds` (added to its time when `resumed`); `out`: its run folder, marked as timed here."""
         self[step] = seconds + (self.get(step, 0.0) if resumed else 0.0)
+        self.touched.add(step)
+        self._save()
+        if out is not None and out.is_dir():
+            (out / TIMED_BY).write_text(json.dumps({"step": step, "seconds_file": self.path.name}) + "\n")
+
+    def found_done(self, step: str, out: Path) -> None:
+        """`step`'s run in `out` is done and kept; a time of this file's for it is dropped if another file timed
+        the run (a folder without the mark, from before it, keeps the time)."""
+        self.touched.add(step)
+        marker = out / TIMED_BY
+        if step in self and marker.is_file() and json.loads(marker.read_text())["seconds_file"] != self.path.name:
+            del self[step]
+            self._save()
+
+    def with_earlier(self, earlier: dict[str, float]) -> dict[str, float]:
+        """These times, with an earlier results file's for the steps this invocation did not touch (the other part
+        of a --part run, rows kept from an older file)."""
+        return {**{step: t for step, t in earlier.items() if step not in self.touched}, **self}
+
+    def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
         partial.write_text(json.dumps(self, indent=2) + "\n")
         os.replace(partial, self.path)  # never a half-written file after a kill
+
+
+TIMED_BY = "benchmark_seconds.json"  # in a run folder: which StepSeconds file holds the run's wall time
 
 
 # the benchmarks' 54,000 / 6,000 split of Fashion-MNIST's 60,000 training images (data.split_val_indices tells

@@ -38,6 +38,64 @@ def test_step_seconds_survive_a_new_invocation_and_add_up_a_resumed_run(tmp_path
     assert not list(path.parent.glob("*.partial"))
 
 
+def test_a_stopped_run_keeps_its_time_and_a_run_timed_by_another_script_is_counted_once(tmp_path, monkeypatch):
+    """run_or_resume records a run stopped by a signal (the resume adds on), and a script that finds a run done
+    which another script trained and timed drops its own older time for that step (the run counts in the trainer's
+    file only); --part runs keep an earlier file's times for the steps they did not touch."""
+    from types import SimpleNamespace
+
+    from pretrain.config import MAEPretrainConfig
+
+    out = tmp_path / "mae"
+    clock = iter([0.0, 30.0, 100.0, 140.0, 200.0, 290.0])
+    monkeypatch.setattr(fmnist_steps, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    calls = []
+
+    def stopped_then_finished(step, main, argv):
+        calls.append(argv)
+        (out / "checkpoints" / "step_00000005").mkdir(parents=True, exist_ok=True)
+        if len(calls) == 1:
+            raise SystemExit(f"{step} failed with exit status 143")  # SIGTERM, after a checkpoint
+        (out / "reconstructions.png").write_bytes(b"png")
+        return 0.0
+    monkeypatch.setattr(fmnist_steps, "run", stopped_then_finished)
+    monkeypatch.setattr(fmnist_steps, "find_latest", lambda root: max(Path(root).glob("step_*"), default=None))
+
+    def pretrain(seconds):
+        fmnist_steps.run_or_resume("MAE pretraining", None, MAEPretrainConfig, fmnist_steps.MAE_CONFIG, out,
+                                   [f"output_dir={out}"], lambda: (out / "reconstructions.png").is_file(), seconds)
+
+    probe = StepSeconds(tmp_path / "seconds" / "linear_probe.json")
+    with pytest.raises(SystemExit):
+        pretrain(probe)
+    assert StepSeconds(probe.path) == {"MAE pretraining": 30.0}  # the stretch before the stop
+    pretrain(probe)  # resumed: adds its 40 s
+    assert "train.resume=latest" in calls[1] and StepSeconds(probe.path) == {"MAE pretraining": 70.0}
+
+    # finetune_fmnist.py had timed an older MAE in the same folder; it finds this one done and drops that time
+    finetune = StepSeconds(tmp_path / "seconds" / "finetune_fmnist.json")
+    finetune.record("MAE pretraining", 1594.0)
+    finetune.record("train the teacher", 4000.0)
+    finetune = StepSeconds(finetune.path)  # a later invocation
+    pretrain(finetune)
+    pretrain(probe)  # the trainer's own file keeps its time
+    assert len(calls) == 2
+    assert StepSeconds(finetune.path) == {"train the teacher": 4000.0}
+    assert StepSeconds(probe.path) == {"MAE pretraining": 70.0}
+    earlier = {"MAE pretraining": 1594.0, "student, distillation hard": 600.0}  # a --part run's results file
+    assert finetune.with_earlier(earlier) == {"student, distillation hard": 600.0, "train the teacher": 4000.0}
+
+    # a run started over by another script moves the time to that script's file
+    pretrain_again = StepSeconds(finetune.path)
+    (out / "reconstructions.png").unlink()
+    monkeypatch.setattr(fmnist_steps, "recipe_changes", lambda *args, **kwargs: ["mask_ratio"])
+    pretrain(pretrain_again)
+    assert "train.overwrite=true" in calls[2] and StepSeconds(finetune.path)["MAE pretraining"] == 90.0
+    monkeypatch.setattr(fmnist_steps, "recipe_changes", lambda *args, **kwargs: [])
+    pretrain(StepSeconds(probe.path))
+    assert StepSeconds(probe.path) == {}
+
+
 def test_a_run_of_another_recipe_is_told_apart_from_one_to_resume_or_skip(tmp_path):
     from finetune.config import FinetuneConfig
     from pretrain.config import load_config, save_config
