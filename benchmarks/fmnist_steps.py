@@ -127,6 +127,9 @@ def image_counts(runs: dict[str, dict]) -> str:
     return f"{count('num_train')} training images, {count('num_samples')} validation images"
 
 
+TIMED_BY = "benchmark_seconds.json"  # in a run folder: which StepSeconds file holds the run's wall time
+
+
 class StepSeconds(dict):
     """Each step's wall seconds, kept in a JSON file so that a benchmark run again after a stop still reports the
     steps it skips as done. A run resumed after a stop adds its time to what the step had; a run started over
@@ -169,9 +172,6 @@ class StepSeconds(dict):
         partial = self.path.with_suffix(".partial")
         partial.write_text(json.dumps(self, indent=2) + "\n")
         os.replace(partial, self.path)  # never a half-written file after a kill
-
-
-TIMED_BY = "benchmark_seconds.json"  # in a run folder: which StepSeconds file holds the run's wall time
 
 
 # the benchmarks' 54,000 / 6,000 split of Fashion-MNIST's 60,000 training images (data.split_val_indices tells
