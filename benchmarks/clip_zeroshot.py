@@ -131,7 +131,7 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"rows": rows, "retrieval": retrieval, "monitor_history": history,
                                     "clip_final_log": log[-1], "summary": summary_rows(rows, retrieval),
-                                    "seconds": seconds}, indent=2) + "\n")
+                                    **seconds.timing()}, indent=2) + "\n")
         print(f"\nwrote {path}")
 
 

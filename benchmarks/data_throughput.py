@@ -66,6 +66,7 @@ from data import (
     write_labelled_shards,
 )
 from data.samples import open_image
+from machine import cpu_cores, cpu_model
 
 IMAGE_SIZE = 224
 JPEG_QUALITY = 90
@@ -226,15 +227,9 @@ def time_reader(batches: Batches, warmup_batches: int, measure_images: int) -> d
 
 
 def machine_info() -> dict:
-    cpu_model = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu_model": cpu_model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "cores": cpu_cores(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,

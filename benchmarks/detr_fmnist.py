@@ -231,7 +231,7 @@ def main() -> None:
           f"{sum(seconds.values()):.0f} s here; pictures in {out / 'boxes.png'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"dataset": dataset, "seconds": seconds, "metrics": metrics,
+        Path(args.json).write_text(json.dumps({"dataset": dataset, **seconds.timing(), "metrics": metrics,
                                                "summary": summary_rows(metrics)}, indent=2))
 
 

@@ -110,7 +110,7 @@ def main() -> None:
         "finetune": part_a,
         "distillation": part_b,
         "summary": summary_rows(part_a["runs"], part_b["teacher"], part_b["runs"]),
-        "seconds": seconds.with_earlier(earlier.get("seconds", {})),  # a --part run keeps the other part's times
+        **seconds.timing(earlier),  # each step's seconds and machines; a --part run keeps the other part's
     }
     runs_a, teacher, runs_b = part_a["runs"], part_b["teacher"], part_b["runs"]
     print(f"\n(a) finetuning, {part_a['epochs']} epoch(s), {image_counts(runs_a)}\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,8 @@ from data.__main__ import main as data_main
 from pretrain.checkpoint import find_latest
 from pretrain.cli import main as pretrain_main
 from pretrain.config import MAEPretrainConfig, load_config, to_dict
+
+from machine import describe as describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 MAE_CONFIG = REPO / "configs/mae_vit_tiny_fmnist.yaml"  # the benchmarks' one Fashion-MNIST MAE (WORK/mae)
@@ -133,7 +136,8 @@ TIMED_BY = "benchmark_seconds.json"  # in a run folder: which StepSeconds file h
 class StepSeconds(dict):
     """Each step's wall seconds, kept in a JSON file so that a benchmark run again after a stop still reports the
     steps it skips as done. A run resumed after a stop adds its time to what the step had; a run started over
-    replaces it.
+    replaces it. Beside it (`.machines.json`), each step's stretches: their seconds, when they ended and the
+    machine they ran on (benchmarks/machine.py), as a step resumed in another session may run on another CPU.
 
     A training step's run folder names the file that timed it (TIMED_BY), and each run is counted once, in the
     file of the script that trained it: a script that finds the run done and timed by another (the MAE that
@@ -142,12 +146,19 @@ class StepSeconds(dict):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.machines_path = self.path.with_suffix(".machines.json")
         super().__init__(json.loads(self.path.read_text()) if self.path.is_file() else {})
+        # {step: [{"seconds", "ended", "machine"}]}; a step timed before machines were recorded has none
+        self.stretches: dict[str, list[dict]] = (json.loads(self.machines_path.read_text())
+                                                 if self.machines_path.is_file() else {})
         self.touched: set[str] = set()  # the steps this invocation ran or found done
 
     def record(self, step: str, seconds: float, resumed: bool = False, out: Path | None = None) -> None:
         """`step` took `seconds` (added to its time when `resumed`); `out`: its run folder, marked as timed here."""
         self[step] = seconds + (self.get(step, 0.0) if resumed else 0.0)
+        stretch = {"seconds": seconds, "ended": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   "machine": describe_machine()}
+        self.stretches[step] = [*(self.stretches.get(step, []) if resumed else []), stretch]
         self.touched.add(step)
         self._save()
         if out is not None and out.is_dir():
@@ -160,6 +171,7 @@ class StepSeconds(dict):
         marker = out / TIMED_BY
         if step in self and marker.is_file() and json.loads(marker.read_text())["seconds_file"] != self.path.name:
             del self[step]
+            self.stretches.pop(step, None)
             self._save()
 
     def with_earlier(self, earlier: dict[str, float]) -> dict[str, float]:
@@ -167,11 +179,19 @@ class StepSeconds(dict):
         of a --part run, rows kept from an older file)."""
         return {**{step: t for step, t in earlier.items() if step not in self.touched}, **self}
 
+    def timing(self, earlier: dict | None = None) -> dict:
+        """A results file's timing entries: {"seconds": {step: s}, "machines": {step: stretches}}, each with the
+        earlier results file's (`earlier`) for the steps this invocation did not touch."""
+        earlier = earlier or {}
+        machines = {step: kept for step, kept in earlier.get("machines", {}).items() if step not in self.touched}
+        return {"seconds": self.with_earlier(earlier.get("seconds", {})), "machines": {**machines, **self.stretches}}
+
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(self, indent=2) + "\n")
-        os.replace(partial, self.path)  # never a half-written file after a kill
+        for path, content in ((self.path, dict(self)), (self.machines_path, self.stretches)):
+            partial = path.with_suffix(".partial")
+            partial.write_text(json.dumps(content, indent=2) + "\n")
+            os.replace(partial, path)  # never a half-written file after a kill
 
 
 # the benchmarks' 54,000 / 6,000 split of Fashion-MNIST's 60,000 training images (data.split_val_indices tells

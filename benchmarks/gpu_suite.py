@@ -59,7 +59,6 @@ under a minute, for CI (tests/test_gpu_suite.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import json
@@ -90,6 +89,7 @@ from pretrain.engine import build_optimizer, compile_for_training  # noqa: E402
 from pretrain.models import create_model  # noqa: E402
 from pretrain.run import cpu_has_fast_bf16, resolve_precision  # noqa: E402
 from pretrain.tasks import CLIPTask, MAETask  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 MASK_RATIO = 0.75
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp_1node_8gpu.yaml"
@@ -577,11 +577,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info.update(device_name=torch.cuda.get_device_name(device), memory_bytes=props.total_memory,
                     capability=f"{props.major}.{props.minor}", cudnn=torch.backends.cudnn.version())
     else:
-        info["device_name"] = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")]
-            info["device_name"] = names[0] if names else info["device_name"]
+        name = cpu_model()
+        info["device_name"] = name if name != "unknown" else platform.processor() or platform.machine()
     return info
 
 

@@ -222,7 +222,7 @@ def main() -> None:
         "rows": rows,
         "kept_from_earlier": kept,  # encoders whose rows were read from the --json file, not measured by this run
         "summary": summary_rows(rows),
-        "seconds": seconds.with_earlier(earlier.get("seconds", {})),  # kept rows keep their steps' times
+        **seconds.timing(earlier),  # each step's seconds and machines; kept rows keep their steps'
     }
     print("\n| features | probe | dim | top-1 (%) | top-5 (%) |\n|---|---|---|---|---|")
     for row in rows:

@@ -78,6 +78,7 @@ from pretrain.config import OptimConfig, TrainConfig  # noqa: E402
 from pretrain.engine import build_optimizer, compile_for_training  # noqa: E402
 from pretrain.run import cpu_has_fast_bf16  # noqa: E402
 from pretrain.models import create_model  # noqa: E402
+from machine import cpu_cores, cpu_model  # noqa: E402
 
 # issue 18: in bf16 our step >= 1.5x HF's and >= 35% of the bf16 matmul rate; in float32 it stays >= HF's
 TARGET_VS_HF = {"fp32": 1.0, "bf16": 1.5}
@@ -335,17 +336,11 @@ def transient_peak_bytes(row: Row, images: torch.Tensor, device: torch.device, p
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu_model = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     info = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
-        "cpu_model": cpu_model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "cores": cpu_cores(),
         "torch_threads": torch.get_num_threads(),
         "cpu_has_fast_bf16": cpu_has_fast_bf16(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

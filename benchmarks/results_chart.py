@@ -4,8 +4,9 @@ and its target, one group of bars per row, drawn from the `summary` the benchmar
     python benchmarks/results_chart.py docs/results/*.json --out docs/results/fashion_mnist.png
 
 It also prints each file's recorded wall time (the `seconds` of each step, as the scripts measured them, on
-whatever machine and load they ran) and their sum: one whole run's time when the files come from one run of
-benchmarks/fmnist_all.sh (each step recorded by the script that ran it).
+whatever machine and load they ran), their sum (one whole run's time when the files come from one run of
+benchmarks/fmnist_all.sh, each step recorded by the script that ran it) and the hours on each kind of machine
+(the files' `machines`: each stretch of each step, with the CPU and its matmul rate then).
 
 A summary row: {"row": "MAE, linear probe", "metric": "top-1 (%)", "value": 88.1, "target": 88,
 "baselines": {"raw pixels": 85.4, "random init": 72.6}}; a target taken from a baseline also has a "target_label"
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from machine import kind_in_words, rates_in_words
 
 METHOD_COLOUR, BASELINE_COLOURS, TARGET_COLOUR = "#1f77b4", ("#bbbbbb", "#888888", "#555555"), "#d62728"
 
@@ -37,16 +40,53 @@ def read_summaries(paths: list[Path]) -> list[dict]:
 
 
 def wall_times(paths: list[Path]) -> list[str]:
-    """A markdown table of each file's steps' recorded wall seconds, in hours, and the total."""
-    lines, total = ["| results | steps | wall time (h) |", "|---|---:|---:|"], 0.0
+    """A markdown table of each file's steps' recorded wall seconds, in hours, the total, and where they ran: the
+    hours on each kind of machine the steps' stretches recorded (benchmarks/machine.py), with the range of its
+    measured matmul rates; time from before machines were recorded is "not recorded"."""
+    lines = ["| results | steps | wall time (h) | where (h) |", "|---|---:|---:|---|"]
+    total, everywhere = 0.0, {}
     for path in paths:
-        seconds = json.loads(path.read_text()).get("seconds") or {}
+        results = json.loads(path.read_text())
+        seconds = results.get("seconds") or {}
+        where = machine_seconds(seconds, results.get("machines") or {})
+        for kind, (kind_seconds, machines) in where.items():
+            earlier_seconds, earlier_machines = everywhere.get(kind, (0.0, []))
+            everywhere[kind] = (earlier_seconds + kind_seconds, earlier_machines + machines)
         file_total = sum(seconds.values())
         total += file_total
         hours = f"{file_total / 3600:.2f}" if seconds else "not recorded"
-        lines.append(f"| {path.name} | {len(seconds)} | {hours} |")
-    lines.append(f"| all | | **{total / 3600:.2f}** |")
+        lines.append(f"| {path.name} | {len(seconds)} | {hours} | {where_in_words(where)} |")
+    lines.append(f"| all | | **{total / 3600:.2f}** | {where_in_words(everywhere)} |")
     return lines
+
+
+NOT_RECORDED = "not recorded"
+
+
+def machine_seconds(seconds: dict[str, float], machines: dict[str, list[dict]]) -> dict[str, tuple[float, list]]:
+    """{machine kind: (seconds, the machines measured)} over the steps' stretches; the part of a step's seconds
+    that no stretch accounts for (timed before machines were recorded) under NOT_RECORDED."""
+    where: dict[str, tuple[float, list]] = {}
+
+    def add(kind: str, spent: float, machine: dict | None) -> None:
+        kind_seconds, kind_machines = where.get(kind, (0.0, []))
+        where[kind] = (kind_seconds + spent, kind_machines + ([machine] if machine else []))
+
+    for step, step_seconds in seconds.items():
+        stretches = machines.get(step, [])
+        for stretch in stretches:
+            add(kind_in_words(stretch["machine"]), stretch["seconds"], stretch["machine"])
+        unaccounted = step_seconds - sum(stretch["seconds"] for stretch in stretches)
+        if unaccounted > 1.0:
+            add(NOT_RECORDED, unaccounted, None)
+    return where
+
+
+def where_in_words(where: dict[str, tuple[float, list]]) -> str:
+    """'AMD EPYC, 2 cores, avx512_bf16 (bf16 matmul 335-396 GFLOP/s): 1.20; not recorded: 0.30'."""
+    parts = [f"{kind} ({rates_in_words(machines)}): {spent / 3600:.2f}" if machines else f"{kind}: {spent / 3600:.2f}"
+             for kind, (spent, machines) in sorted(where.items(), key=lambda item: item[0] == NOT_RECORDED)]
+    return "; ".join(parts) or "-"
 
 
 def target_text(row: dict) -> str:

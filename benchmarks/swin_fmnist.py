@@ -112,7 +112,7 @@ def main() -> None:
         "finetune": {"config": str(FINETUNE_CONFIG.relative_to(REPO)), "epochs": finetune_epochs},
         "rows": [{"initialisation": name, **summary(m)} for name, m in runs.items()],
         "summary": summary_rows(runs),
-        "seconds": seconds.with_earlier(earlier.get("seconds", {})),  # a --part run keeps the other part's times
+        **seconds.timing(earlier),  # each step's seconds and machines; a --part run keeps the other part's
     }
     print(f"\nSwin finetuning, {finetune_epochs} epoch(s), {image_counts(runs)}\n")
     print("| initialisation | top-1 (%) | top-5 (%) | best top-1 (%) (epoch) |\n|---|---|---|---|")

@@ -38,6 +38,49 @@ def test_step_seconds_survive_a_new_invocation_and_add_up_a_resumed_run(tmp_path
     assert not list(path.parent.glob("*.partial"))
 
 
+def test_step_seconds_record_each_stretch_and_the_machine_it_ran_on(tmp_path, monkeypatch):
+    """A step resumed in another session may run on another CPU: each stretch keeps its seconds and machine (a
+    run started over keeps only its own), a step dropped as timed elsewhere loses them, and a results file's
+    `machines` keep an earlier file's stretches for the steps this invocation did not touch."""
+    machine = load_benchmark("machine")
+    here = machine.describe()  # measured for real: the CPU, its cores, a matmul rate
+    assert here["cpu"] and here["cores"] >= 1 and here["matmul_gflops"]["float32"] > 0
+    assert ("bfloat16" in here["matmul_gflops"]) == bool(here["bf16_units"])
+
+    fast, slow = ({"cpu": "AMD EPYC", "cores": 2, "bf16_units": ["avx512_bf16"],
+                   "matmul_gflops": {"float32": rate // 2, "bfloat16": rate}} for rate in (396, 210))
+    monkeypatch.setattr(fmnist_steps, "describe_machine", lambda: fast)
+    path = tmp_path / "seconds" / "bench.json"
+    seconds = StepSeconds(path)
+    seconds.record("finetune from MAE", 100.0)  # stopped by the session's end
+    seconds.record("probe", 5.0)
+    monkeypatch.setattr(fmnist_steps, "describe_machine", lambda: slow)
+    seconds = StepSeconds(path)  # the next session
+    seconds.record("finetune from MAE", 300.0, resumed=True)
+    seconds.record("probe", 6.0)  # run again from the start
+    stretches = json.loads(path.with_suffix(".machines.json").read_text())
+    assert [(s["seconds"], s["machine"]["matmul_gflops"]["bfloat16"]) for s in stretches["finetune from MAE"]] == [
+        (100.0, 396), (300.0, 210)]
+    assert [(s["seconds"], s["machine"]) for s in stretches["probe"]] == [(6.0, slow)]
+    assert stretches["probe"][0]["ended"].endswith(" UTC")
+    assert StepSeconds(path) == {"finetune from MAE": 400.0, "probe": 6.0}
+
+    earlier = {"seconds": {"teacher": 50.0, "probe": 1.0},
+               "machines": {"teacher": [{"seconds": 50.0, "machine": fast}], "probe": [{"seconds": 1.0}]}}
+    timing = StepSeconds(path).timing(earlier)  # nothing touched in this invocation: the earlier file fills in
+    assert timing["seconds"] == {"teacher": 50.0, "finetune from MAE": 400.0, "probe": 6.0}
+    assert timing["machines"]["teacher"] == earlier["machines"]["teacher"]
+    assert timing["machines"]["probe"] == stretches["probe"]
+
+    # a run found done that another script timed: its time and stretches go
+    out = tmp_path / "probe_run"
+    out.mkdir()
+    (out / fmnist_steps.TIMED_BY).write_text(json.dumps({"step": "probe", "seconds_file": "other.json"}))
+    StepSeconds(path).found_done("probe", out)
+    assert "probe" not in json.loads(path.with_suffix(".machines.json").read_text())
+    assert StepSeconds(path) == {"finetune from MAE": 400.0}
+
+
 def test_a_stopped_run_keeps_its_time_and_a_run_timed_by_another_script_is_counted_once(tmp_path, monkeypatch):
     """run_or_resume records a run stopped by a signal (the resume adds on), and a script that finds a run done
     which another script trained and timed drops its own older time for that step (the run counts in the trainer's

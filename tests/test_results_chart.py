@@ -57,13 +57,29 @@ def test_linear_probe_keeps_the_other_encoders_rows_from_an_earlier_run():
     assert probe.with_kept_rows({"mae": new_mae}, ROWS, [], labels) == new_mae
 
 
-def test_wall_times_sum_every_steps_seconds(tmp_path):
+def test_wall_times_sum_every_steps_seconds_and_say_where_they_ran(tmp_path):
+    """Each file's hours and the total; where: the hours on each kind of machine its stretches recorded (the rates
+    as a range), the time no stretch accounts for (timed before machines were recorded) as not recorded."""
+    epyc = {"cpu": "AMD EPYC", "cores": 2, "bf16_units": ["avx512_bf16"]}
     finetune, clip = tmp_path / "finetune.json", tmp_path / "clip.json"
-    finetune.write_text(json.dumps({"seconds": {"MAE pretraining": 1800.0, "finetune from MAE": 3600.0}}))
-    clip.write_text(json.dumps({"summary": [], "seconds": {"CLIP pretraining": 1800.0}}))
+    finetune.write_text(json.dumps({
+        "seconds": {"MAE pretraining": 1800.0, "finetune from MAE": 3600.0},
+        # the finetune resumed on a slower machine of the same kind; the MAE timed before machines were recorded
+        "machines": {"finetune from MAE": [
+            {"seconds": 1800.0, "ended": "2026-12-07 23:00 UTC",
+             "machine": {**epyc, "matmul_gflops": {"float32": 144, "bfloat16": 396}}},
+            {"seconds": 1800.0, "ended": "2026-12-08 10:00 UTC",
+             "machine": {**epyc, "matmul_gflops": {"float32": 90, "bfloat16": 210}}}]}}))
+    clip.write_text(json.dumps({"summary": [], "seconds": {"CLIP pretraining": 1800.0}, "machines": {
+        "CLIP pretraining": [{"seconds": 1800.0, "ended": "2026-12-08 11:00 UTC", "machine": {
+            "cpu": "Intel Xeon", "cores": 2, "bf16_units": [], "matmul_gflops": {"float32": 300}}}]}}))
     assert load("results_chart").wall_times([finetune, clip]) == [
-        "| results | steps | wall time (h) |", "|---|---:|---:|",
-        "| finetune.json | 2 | 1.50 |", "| clip.json | 1 | 0.50 |", "| all | | **2.00** |"]
+        "| results | steps | wall time (h) | where (h) |", "|---|---:|---:|---|",
+        "| finetune.json | 2 | 1.50 | AMD EPYC, 2 cores, avx512_bf16 (bf16 matmul 210-396 GFLOP/s): 1.00; "
+        "not recorded: 0.50 |",
+        "| clip.json | 1 | 0.50 | Intel Xeon, 2 cores (float32 matmul 300 GFLOP/s): 0.50 |",
+        "| all | | **2.00** | AMD EPYC, 2 cores, avx512_bf16 (bf16 matmul 210-396 GFLOP/s): 1.00; "
+        "Intel Xeon, 2 cores (float32 matmul 300 GFLOP/s): 0.50; not recorded: 0.50 |"]
 
 
 def test_target_label_names_a_baseline_set_target_and_says_when_it_is_missed():
