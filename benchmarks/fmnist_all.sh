@@ -23,7 +23,7 @@ main() {
 
   # every start names the machine and the time, as the steps' wall times depend on both
   started() { echo "== $(date -u '+%F %T UTC') $1 on $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)," \
-                   "$(nproc) cores$(grep -o -m1 -w -e amx_bf16 -e avx512_bf16 /proc/cpuinfo | sed 's/^/, /' | head -1)"; }
+                   "$(nproc) cores$(grep -o -m1 -w -e amx_bf16 -e avx512_bf16 /proc/cpuinfo | sed 's/^/, /' | tr -d '\n')"; }
 
   # the rows with targets first: MAE -> finetune vs scratch and DeiT distillation
   started finetune_fmnist.py
