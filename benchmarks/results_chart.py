@@ -50,8 +50,7 @@ def wall_times(paths: list[Path]) -> list[str]:
         seconds = results.get("seconds") or {}
         where = machine_seconds(seconds, results.get("machines") or {})
         for kind, (kind_seconds, machines) in where.items():
-            earlier_seconds, earlier_machines = everywhere.get(kind, (0.0, []))
-            everywhere[kind] = (earlier_seconds + kind_seconds, earlier_machines + machines)
+            add_seconds(everywhere, kind, kind_seconds, machines)
         file_total = sum(seconds.values())
         total += file_total
         hours = f"{file_total / 3600:.2f}" if seconds else "not recorded"
@@ -67,19 +66,20 @@ def machine_seconds(seconds: dict[str, float], machines: dict[str, list[dict]]) 
     """{machine kind: (seconds, the machines measured)} over the steps' stretches; the part of a step's seconds
     that no stretch accounts for (timed before machines were recorded) under NOT_RECORDED."""
     where: dict[str, tuple[float, list]] = {}
-
-    def add(kind: str, spent: float, machine: dict | None) -> None:
-        kind_seconds, kind_machines = where.get(kind, (0.0, []))
-        where[kind] = (kind_seconds + spent, kind_machines + ([machine] if machine else []))
-
     for step, step_seconds in seconds.items():
         stretches = machines.get(step, [])
         for stretch in stretches:
-            add(kind_in_words(stretch["machine"]), stretch["seconds"], stretch["machine"])
+            add_seconds(where, kind_in_words(stretch["machine"]), stretch["seconds"], [stretch["machine"]])
         unaccounted = step_seconds - sum(stretch["seconds"] for stretch in stretches)
         if unaccounted > 1.0:
-            add(NOT_RECORDED, unaccounted, None)
+            add_seconds(where, NOT_RECORDED, unaccounted, [])
     return where
+
+
+def add_seconds(where: dict[str, tuple[float, list]], kind: str, spent: float, machines: list[dict]) -> None:
+    """Add `spent` seconds on `machines` to `where`'s entry for `kind`."""
+    kind_seconds, kind_machines = where.get(kind, (0.0, []))
+    where[kind] = (kind_seconds + spent, kind_machines + machines)
 
 
 def where_in_words(where: dict[str, tuple[float, list]]) -> str:
